@@ -1,0 +1,340 @@
+"""Typed configuration for CAPI pretraining: the one place where defaults live.
+
+Every other module (trainer, CLI, sweep loader) takes these models; none restates a default.
+Names follow the paper (../shared/specs/capi.md): ``student_temp``, ``teacher_temp``,
+``num_clusters``, ``registers``. Presets at the bottom; paper-scale values are in ``vit-s/b/l``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    """Encoder (a timm ViT), predictor and heads."""
+
+    img_size: int = Field(28, ge=8)
+    in_chans: int = Field(1, ge=1, le=4)
+    patch_size: int = Field(4, ge=1)
+    embed_dim: int = Field(192, ge=8)
+    depth: int = Field(6, ge=1)
+    num_heads: int = Field(3, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    registers: int = Field(4, ge=0, le=16, description="register tokens (Darcet et al.)")
+    pos_embed: Literal["learned", "rope"] = Field(
+        "learned", description="learned absolute positions gathered at visible indices, or 2D RoPE"
+    )
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0, description="student only; teacher runs in eval mode")
+    predictor_depth: int = Field(2, ge=1)
+    predictor_dim: int | None = Field(None, ge=8, description="None: same as embed_dim")
+    predictor_heads: int | None = Field(None, ge=1, description="None: same as num_heads")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        pdim = self.predictor_dim or self.embed_dim
+        pheads = self.predictor_heads or self.num_heads
+        if pdim % pheads:
+            raise ValueError(f"predictor_dim {pdim} is not divisible by predictor_heads {pheads}")
+        if self.pos_embed == "rope" and self.registers % 4:
+            # CAPI's RoPE puts registers on the edges of the visible box, 4 per side (spec §2.1).
+            raise ValueError(f"pos_embed 'rope' needs registers to be a multiple of 4, got {self.registers}")
+        return self
+
+
+class MaskingConfig(_Strict):
+    """Which patches the student sees and which it predicts (spec §3)."""
+
+    strategy: Literal["random", "block", "inverse_block", "inverse_block_roll"] = "inverse_block_roll"
+    ratio: float = Field(0.65, gt=0.0, lt=1.0, description="masked fraction at the start of training")
+    ratio_end: float | None = Field(None, gt=0.0, lt=1.0, description="masked fraction at the end; None: constant")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="ramp from ratio to ratio_end")
+    prediction_subsampling: float = Field(
+        0.25, gt=0.0, le=1.0, description="fraction of masked patches predicted (paper 0.05; maintainer suggests 0.2)"
+    )
+    min_aspect: float = Field(0.5, gt=0.0)
+    max_aspect: float = Field(2.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> MaskingConfig:
+        if self.schedule != "constant" and self.ratio_end is None:
+            raise ValueError(f"schedule '{self.schedule}' needs ratio_end")
+        if self.min_aspect > self.max_aspect:
+            raise ValueError("min_aspect is larger than max_aspect")
+        return self
+
+
+class ClusteringConfig(_Strict):
+    """The teacher's online clustering head and its Sinkhorn-Knopp targets (spec §5)."""
+
+    num_clusters: int = Field(1024, ge=2, description="K prototypes; keep close to the Sinkhorn batch (spec §10.13)")
+    sinkhorn_iterations: int = Field(3, ge=1)
+    positionwise: bool = Field(True, description="Sinkhorn per position across the batch (paper) or over all tokens")
+    lr_ratio: float = Field(0.5, gt=0.0, description="clustering-head lr as a fraction of the main lr")
+    weight_decay: float = Field(0.01, ge=0.0, description="torch's AdamW default, as in the reference")
+
+
+class LossConfig(_Strict):
+    """The three temperatures of CAPI."""
+
+    student_temp: float = Field(0.12, gt=0.0, le=10.0)
+    teacher_temp: float = Field(0.06, gt=0.0, le=10.0, description="Sinkhorn-Knopp input temperature")
+    clustering_temp: float = Field(0.12, gt=0.0, le=10.0, description="clustering head's own prediction temperature")
+
+
+class OptimConfig(_Strict):
+    """AdamW with the paper's parameter groups and warmup + truncated cosine schedules (spec §6)."""
+
+    steps: int = Field(1000, ge=1, description="total optimiser steps")
+    batch_size: int = Field(256, ge=2, description="global batch (split over workers)")
+    grad_accumulation: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    truncate_cos: float = Field(0.8, gt=0.0, le=1.0, description="cosine runs to truncate_cos*pi")
+    weight_decay: float = Field(0.1, ge=0.0)
+    norm_wd_mult: float = Field(0.1, ge=0.0)
+    patch_embed_lr_mult: float = Field(0.2, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    ema_momentum: float | None = Field(
+        None, ge=0.0, lt=1.0, description="momentum at the end of warmup; None: tied to lr, m = 1 - lr (paper)"
+    )
+    fused: bool = Field(True, description="fused AdamW where the device supports it")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr is larger than lr")
+        return self
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(self.steps * self.warmup_fraction)
+
+
+class DataConfig(_Strict):
+    """Which Parquet dataset to read and how to augment it (spec §4)."""
+
+    dataset: str = Field("fashion-mnist", description="a built-in name or a directory of Parquet shards")
+    cache_dir: Path | None = Field(None, description="where built-in datasets are imported; None: ~/.cache/capi")
+    split: str = "train"
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    hflip: bool = True
+    loader_workers: int = Field(1, ge=0, description="decode/augment processes per training process")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")
+        return self
+
+
+class ProbeConfig(_Strict):
+    """The cheap online probe a sweep optimises: weighted k-NN on a small labelled subset."""
+
+    every: int = Field(0, ge=0, description="steps between probes; 0: only at the end")
+    train_images: int = Field(2000, ge=10)
+    test_images: int = Field(1000, ge=10)
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0.0)
+
+
+class RunConfig(_Strict):
+    """Where and how one training run executes."""
+
+    name: str = Field("capi", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_nonfinite: int = Field(3, ge=1, description="stop after this many consecutive non-finite losses")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; None: torch's default")
+
+
+class TrainConfig(_Strict):
+    """Everything one CAPI pretraining run needs."""
+
+    model: ModelConfig = ModelConfig()
+    masking: MaskingConfig = MaskingConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    probe: ProbeConfig = ProbeConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _check_masking_fits(self) -> TrainConfig:
+        n = self.model.num_patches
+        for r in {self.masking.ratio, self.masking.ratio_end or self.masking.ratio}:
+            n_masked = int(n * r)
+            if n_masked < 1 or n - n_masked < 1:
+                raise ValueError(f"masking ratio {r} leaves no masked or no visible patch on a {n}-patch grid")
+            if int(n_masked * self.masking.prediction_subsampling) < 1:
+                raise ValueError(
+                    f"masking.prediction_subsampling {self.masking.prediction_subsampling} predicts no patch "
+                    f"of the {n_masked} masked ones"
+                )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Presets. cpu-* presets deviate from the paper in size, K, EMA momentum and prediction subsampling
+# (spec §12), because a 28x28 Fashion-MNIST run on 2 CPU cores is not a ViT-L on LVD-142M.
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on CPU: tests and smoke runs on tiny generated data.
+    "cpu-tiny": {
+        "model": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                  "registers": 4, "predictor_depth": 1},
+        "clustering": {"num_clusters": 64},
+        "optim": {"steps": 20, "batch_size": 32, "lr": 1e-3, "ema_momentum": 0.99},
+        "probe": {"train_images": 100, "test_images": 50, "k": 5},
+        "run": {"log_every": 5, "precision": "fp32"},
+    },
+    # Minutes on 2 cores: Fashion-MNIST 28x28, patch 4 (7x7 grid).
+    "cpu-demo": {
+        "model": {"img_size": 28, "in_chans": 1, "patch_size": 4, "embed_dim": 192, "depth": 6, "num_heads": 3,
+                  "registers": 4, "predictor_depth": 2},
+        "masking": {"prediction_subsampling": 0.5},
+        "clustering": {"num_clusters": 1024},
+        "optim": {"steps": 2000, "batch_size": 256, "lr": 1.5e-3, "ema_momentum": 0.994},
+        "run": {"log_every": 20},
+    },
+    # Paper-like GPU configurations (spec §2.4, Table 8): 224 px, patch 14 (16 for L ablations).
+    "vit-s": {
+        "model": {"img_size": 224, "in_chans": 3, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
+                  "registers": 16, "drop_path": 0.2, "predictor_depth": 6},
+        "masking": {"prediction_subsampling": 0.2},
+        "clustering": {"num_clusters": 16384},
+        "optim": {"steps": 500_000, "batch_size": 16384, "lr": 2e-3},
+    },
+    "vit-b": {
+        "model": {"img_size": 224, "in_chans": 3, "patch_size": 14, "embed_dim": 768, "depth": 12, "num_heads": 12,
+                  "registers": 16, "drop_path": 0.2, "predictor_depth": 6},
+        "masking": {"prediction_subsampling": 0.2},
+        "clustering": {"num_clusters": 16384},
+        "optim": {"steps": 500_000, "batch_size": 16384, "lr": 1e-3},
+    },
+    "vit-l": {
+        "model": {"img_size": 224, "in_chans": 3, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16,
+                  "registers": 16, "drop_path": 0.2, "predictor_depth": 12},
+        "masking": {"prediction_subsampling": 0.2},
+        "clustering": {"num_clusters": 16384},
+        "optim": {"steps": 500_000, "batch_size": 16384, "lr": 1e-3},
+    },
+}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e
+                                            and not isinstance(e["input"], dict) else ""))
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["optim.lr=1e-3", "model.registers=8"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        path, raw = item.split("=", 1)
+        keys = [k for k in path.strip().split(".") if k]
+        if not keys:
+            raise ConfigError(f"override {item!r} names no field")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {key}")
+        node[keys[-1]] = value
+    return out
+
+
+def build_config(preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a preset name plus nested or ``a.b=c`` overrides; errors name the field."""
+    base: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        base = PRESETS[preset]
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    try:
+        return TrainConfig.model_validate(_merge(base, overrides or {}))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """A TrainConfig from a YAML (or JSON) file, which may name a ``preset`` to start from."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping")
+    preset = data.pop("preset", None)
+    return build_config(preset, data)
+
+
+def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted ``{"optim.lr": 0.001, ...}`` view of a config, for tracking and reports."""
+    out: dict[str, Any] = {}
+    for key, value in config.model_dump(mode="json").items():
+        _flatten_into(out, f"{prefix}{key}", value)
+    return out
+
+
+def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten_into(out, f"{key}.{k}", v)
+    else:
+        out[key] = value
+
