@@ -310,8 +310,9 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | list[str
         raise ConfigError(_format_error(err)) from None
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """A TrainConfig from a YAML (or JSON) file, which may name a ``preset`` to start from."""
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from a YAML (or JSON) file, which may name a ``preset`` to start from,
+    plus ``a.b=c`` overrides on top."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -320,7 +321,7 @@ def load_config(path: str | Path) -> TrainConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping")
     preset = data.pop("preset", None)
-    return build_config(preset, data)
+    return build_config(preset, _merge(data, parse_overrides(list(overrides))))
 
 
 def flatten(config: BaseModel, prefix: str = "") -> dict[str, Any]:
