@@ -11,15 +11,15 @@ whole batch is built with batched tensor ops, so masks are reproducible from one
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from capi_core.config import MaskingConfig
 
-Strategy = Literal["random", "block", "inverse_block", "inverse_block_roll"]
-STRATEGIES: tuple[str, ...] = ("random", "block", "inverse_block", "inverse_block_roll")
+# The config's Literal is the one list of strategies.
+STRATEGIES: tuple[str, ...] = get_args(MaskingConfig.model_fields["strategy"].annotation)
 
 
 def mask_ratio_at(cfg: MaskingConfig, step: int, total: int) -> float:
@@ -33,7 +33,7 @@ def mask_ratio_at(cfg: MaskingConfig, step: int, total: int) -> float:
 
 
 def sample_masks(
-    strategy: Strategy,
+    strategy: str,
     grid: int,
     mask_ratio: float,
     prediction_subsampling: float,
@@ -49,8 +49,9 @@ def sample_masks(
 
     - ``random``: a uniformly random set of n_vis visible patches.
     - ``block``: one rectangle of exactly n_masked *masked* cells (the same geometry as below, built
-      for n_masked instead of n_vis, without roll), the rest visible: the "block" row of the paper's
-      ablation, the reference's ``BlockMasking`` with ``roll=False``.
+      for n_masked instead of n_vis), the rest visible: the reference's ``BlockMasking``, for the
+      "block" row of the paper's ablation. Not rolled: the paper does not say, and this keeps the roll
+      as the one change between its last two rows.
     - ``inverse_block``: one rectangle of exactly n_vis *visible* cells (spec §3 steps 2.1-2.4).
     - ``inverse_block_roll``: the same, cyclically shifted by a uniform (dy, dx) (spec §3 step 2.5).
 

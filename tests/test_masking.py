@@ -125,7 +125,7 @@ def test_predictions_are_a_uniform_subset_of_masked_cells(strategy):
 
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="unknown masking strategy"):
-        sample_masks("checkerboard", 8, 0.5, 0.5, 2, _gen())  # type: ignore[arg-type]
+        sample_masks("checkerboard", 8, 0.5, 0.5, 2, _gen())
     with pytest.raises(ValueError, match="no masked or no visible"):
         sample_masks("random", 4, 0.01, 0.5, 2, _gen())
     with pytest.raises(ValueError, match="aspect bounds"):
