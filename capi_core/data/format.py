@@ -1,0 +1,238 @@
+"""CAPI's on-disk image dataset: Parquet shards of encoded images plus a ``manifest.json``.
+
+A dataset is one directory::
+
+    manifest.json            written last: a dataset without it does not exist
+    train-00000.parquet      one row per image: id (str), image (PNG or JPEG bytes), label (int64), split (str)
+    train-00001.parquet
+    test-00000.parquet
+
+Every image of a dataset has the same size ``(H, W)`` and ``channels`` (1 grey, 3 RGB). The manifest
+records the class names, the per-split counts, per-channel ``mean``/``std`` of the pixels on a 0-1
+scale (of the ``train`` split; of the first imported split while there is no ``train``), and per shard
+its file, split, rows, size in bytes and sha256. Shards and manifest are written to a temporary file
+in the same directory and moved into place with ``os.replace``, so a crash never leaves a manifest
+that points at a missing or partial shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_ROWS = 4096  # a few MB of 28x28 PNGs; about 300 MB of 224x224 ones
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())])
+# Encoded images do not compress further; the small columns do.
+_COMPRESSION = {"id": "zstd", "image": "none", "label": "zstd", "split": "zstd"}
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class DatasetError(ValueError):
+    """A dataset, a shard or a source file is missing or invalid; the message names the file."""
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str
+    split: str
+    rows: int = Field(ge=1)
+    bytes: int = Field(ge=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int
+    name: str
+    class_names: list[str]
+    image_size: tuple[int, int] = Field(description="(H, W) of every image")
+    channels: int = Field(description="1 (grey) or 3 (RGB)")
+    mean: list[float] = Field(description="per channel, 0-1 scale")
+    std: list[float]
+    stats_split: str = Field(description="the split mean and std were computed on")
+    splits: dict[str, int] = Field(description="images per split")
+    shards: list[ShardInfo]
+
+    def split_shards(self, split: str) -> list[ShardInfo]:
+        """The shards of ``split`` in order; their rows concatenated are the split's sample indices."""
+        if split not in self.splits:
+            raise DatasetError(f"dataset {self.name!r} has no split {split!r}; it has {', '.join(self.splits)}")
+        return [s for s in self.shards if s.split == split]
+
+
+def check_split_name(split: str) -> str:
+    """Split names end up in file names, so they are restricted to ``[A-Za-z0-9_-]``."""
+    if not _SPLIT_NAME.match(split):
+        raise DatasetError(f"split name {split!r} must match [A-Za-z0-9_-]+")
+    return split
+
+
+def load_manifest(dataset_dir: str | Path) -> Manifest:
+    """The validated manifest of ``dataset_dir``; every shard it lists must exist with its recorded size.
+
+    Sizes catch truncated shards cheaply; checksums are checked when a shard is read (``read_shard``)
+    and by ``verify_dataset``.
+    """
+    dataset_dir = Path(dataset_dir)
+    path = dataset_dir / MANIFEST
+    if not path.is_file():
+        what = "does not exist" if not dataset_dir.exists() else f"has no {MANIFEST} (not an imported dataset)"
+        raise DatasetError(f"dataset directory {dataset_dir} {what}; import one with `capi data import ...`")
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} is not valid JSON: {err}") from None
+    except ValidationError as err:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise DatasetError(f"{path} is not a valid manifest: {fields}") from None
+    if manifest.format_version != FORMAT_VERSION:
+        raise DatasetError(f"{path} has format version {manifest.format_version}; this code reads {FORMAT_VERSION}")
+    for shard in manifest.shards:
+        file = dataset_dir / shard.file
+        if not file.is_file():
+            raise DatasetError(f"shard {file} listed in {path} is missing")
+        if file.stat().st_size != shard.bytes:
+            raise DatasetError(f"shard {file} has {file.stat().st_size} bytes, the manifest says {shard.bytes} "
+                               "(truncated or replaced)")
+    return manifest
+
+
+def read_shard(path: Path, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
+    """Read one shard after checking its sha256; any failure names the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatasetError(f"cannot read shard {path}: {err}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard.sha256:
+        raise DatasetError(f"shard {path} has sha256 {digest}, the manifest says {shard.sha256} (corrupt or replaced)")
+    try:
+        # use_threads=False: shards are small, and no Arrow thread pool is running when loaders fork.
+        table = pq.read_table(pa.BufferReader(data), columns=columns, use_threads=False)
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetError(f"shard {path} is not a readable Parquet file: {err}") from None
+    if table.num_rows != shard.rows:
+        raise DatasetError(f"shard {path} has {table.num_rows} rows, the manifest says {shard.rows}")
+    return table
+
+
+def verify_dataset(dataset_dir: str | Path) -> Manifest:
+    """Check the manifest, every shard's checksum and readability, and the per-split counts."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    for shard in manifest.shards:
+        table = read_shard(dataset_dir / shard.file, shard, columns=["label", "split"])
+        if set(table.column("split").unique().to_pylist()) != {shard.split}:
+            raise DatasetError(f"shard {dataset_dir / shard.file} holds rows of another split than {shard.split!r}")
+        labels = table.column("label").to_numpy()
+        if labels.size and (labels.min() < 0 or labels.max() >= len(manifest.class_names)):
+            raise DatasetError(f"shard {dataset_dir / shard.file} has labels outside "
+                               f"0..{len(manifest.class_names) - 1}")
+    for split, count in manifest.splits.items():
+        if sum(s.rows for s in manifest.shards if s.split == split) != count:
+            raise DatasetError(f"{dataset_dir / MANIFEST}: the shards of split {split!r} do not add up to {count}")
+    return manifest
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a temporary file next to ``path``, fsync, then ``os.replace`` it onto ``path``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
+    atomic_write(dataset_dir / MANIFEST, lambda tmp: tmp.write_text(manifest.model_dump_json(indent=2) + "\n"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless PNG of ``pixels`` uint8 ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class PixelStats:
+    """Running per-channel mean and std (0-1 scale) of uint8 pixels, exact (integer sums)."""
+
+    def __init__(self, channels: int):
+        self.count = 0
+        self.sum = np.zeros(channels, np.uint64)
+        self.sumsq = np.zeros(channels, np.uint64)
+
+    def add(self, pixels: np.ndarray) -> None:
+        """``pixels`` uint8 ``[..., C]`` (any leading shape)."""
+        flat = pixels.reshape(-1, pixels.shape[-1])
+        self.count += flat.shape[0]
+        self.sum += flat.sum(0, dtype=np.uint64)
+        self.sumsq += (flat.astype(np.uint32) ** 2).sum(0, dtype=np.uint64)
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        mean = self.sum / (self.count * 255.0)
+        var = self.sumsq / (self.count * 255.0**2) - mean**2
+        return mean.tolist(), np.sqrt(np.maximum(var, 0.0)).tolist()
+
+
+class SplitWriter:
+    """Writes the rows of one split into ``{split}-{i:05d}.parquet`` shards of ``shard_rows`` rows.
+
+    Each shard goes to a temporary file and is moved into place when complete; ``shards`` lists the
+    finished ones (the caller removes them if the import fails later).
+    """
+
+    def __init__(self, dataset_dir: Path, split: str, shard_rows: int = SHARD_ROWS):
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.dataset_dir, self.split, self.shard_rows = dataset_dir, check_split_name(split), shard_rows
+        self.shards: list[ShardInfo] = []
+        self.count = 0
+        self._rows: dict[str, list] = {"id": [], "image": [], "label": []}
+
+    def add(self, id: str, image: bytes, label: int) -> None:
+        self._rows["id"].append(id)
+        self._rows["image"].append(image)
+        self._rows["label"].append(int(label))
+        self.count += 1
+        if len(self._rows["id"]) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        n = len(self._rows["id"])
+        if n == 0:
+            return
+        table = pa.table({**self._rows, "split": [self.split] * n}, schema=SCHEMA)
+        path = self.dataset_dir / f"{self.split}-{len(self.shards):05d}.parquet"
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=_COMPRESSION))
+        self.shards.append(ShardInfo(file=path.name, split=self.split, rows=n, bytes=path.stat().st_size,
+                                     sha256=sha256_file(path)))
+        self._rows = {"id": [], "image": [], "label": []}
