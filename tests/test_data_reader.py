@@ -1,0 +1,231 @@
+"""The training reader: sharding, deterministic order and augmentation, resume, loader processes, eval."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import capi_core.data.reader as reader
+from capi_core.config import DataConfig
+from capi_core.data import DatasetError, load_manifest
+from capi_core.data.format import ShardInfo
+from capi_core.data.importers import import_idx, import_imagefolder
+from capi_core.data.reader import (
+    crop_boxes,
+    decode_augment,
+    epoch_order,
+    load_split,
+    resized_crops,
+    sample_uniforms,
+    shard_paths,
+    train_batches,
+)
+from synthetic import write_idx
+
+N = 50  # images; label i is image i, so labels identify samples
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """50 random 12x12 grey images in 8 shards, labelled 0..49, plus the source pixels."""
+    tmp = tmp_path_factory.mktemp("numbered")
+    pixels = np.random.default_rng(0).integers(0, 256, (N, 12, 12), dtype=np.uint8)
+    import_idx(write_idx(tmp / "images", pixels), write_idx(tmp / "labels", np.arange(N, dtype=np.uint8)),
+               tmp / "ds", shard_rows=7)
+    return tmp / "ds", pixels
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+    """Shuffle windows of about two shards, so the windowed order and the shard cache are exercised."""
+    monkeypatch.setattr(reader, "WINDOW_BYTES", 2 * 1400)
+
+
+def take(cfg, steps, **kwargs):
+    """``steps`` batches of ``train_batches``: images ``[steps, B, C, S, S]``, labels ``[steps, B]``."""
+    it = train_batches(cfg, **kwargs)
+    batches = [next(it) for _ in range(steps)]
+    return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+
+
+def cfg_for(dataset, **kwargs):
+    return DataConfig(dataset=str(dataset), **{"loader_workers": 0, **kwargs})
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ranks_get_disjoint_complete_shares_every_epoch(numbered, small_windows, world_size):
+    dataset, _ = numbered
+    for epoch in (0, 1):
+        shares = []
+        for rank in range(world_size):
+            share = len(range(rank, N, world_size))
+            _, labels = take(cfg_for(dataset), -(-2 * share // 4), img_size=12, batch_size=4, rank=rank,
+                             world_size=world_size)
+            shares.append(set(labels.flatten()[epoch * share:(epoch + 1) * share].tolist()))
+            assert len(shares[-1]) == share  # no repeat inside a rank's epoch
+        assert set().union(*shares) == set(range(N)) and sum(map(len, shares)) == N
+
+
+def test_order_is_a_function_of_seed_and_epoch(numbered, small_windows):
+    dataset, _ = numbered
+    x, labels = take(cfg_for(dataset), 10, img_size=12, batch_size=10, seed=3)
+    epochs = labels.reshape(2, N)
+    assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(N))
+    assert not torch.equal(epochs[0], epochs[1])
+    x2, labels2 = take(cfg_for(dataset), 10, img_size=12, batch_size=10, seed=3)
+    assert torch.equal(labels, labels2) and torch.equal(x, x2)
+    _, other = take(cfg_for(dataset), 5, img_size=12, batch_size=10, seed=4)
+    assert not torch.equal(other.flatten(), epochs[0])
+
+
+def test_start_step_resumes_the_uninterrupted_sequence(numbered, small_windows):
+    dataset, _ = numbered
+    kwargs = dict(img_size=10, batch_size=8, rank=1, world_size=2, seed=7)  # 25 samples per epoch: batches straddle
+    x, y = take(cfg_for(dataset), 9, **kwargs)
+    x_resumed, y_resumed = take(cfg_for(dataset), 4, start_step=5, **kwargs)
+    assert torch.equal(x[5:], x_resumed) and torch.equal(y[5:], y_resumed)
+
+
+def test_loader_processes_do_not_change_batches(numbered, small_windows):
+    dataset, _ = numbered
+    kwargs = dict(img_size=12, batch_size=6, seed=1, start_step=2)
+    x0, y0 = take(cfg_for(dataset, loader_workers=0), 5, **kwargs)
+    x2, y2 = take(cfg_for(dataset, loader_workers=2), 5, **kwargs)
+    assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_batches_are_normalised_flipped_crops_of_the_source(numbered):
+    dataset, pixels = numbered
+    manifest = load_manifest(dataset)
+    normalised = (torch.from_numpy(pixels).float()[:, None] / 255 - manifest.mean[0]) / manifest.std[0]
+    # scale (1, 1) on square images: every draw fails, torchvision's fallback is the whole image.
+    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=True), 4, img_size=12, batch_size=25)
+    x, y = x.flatten(0, 1), y.flatten()
+    source = normalised[y]
+    same = (x - source).abs().flatten(1).amax(1) < 1e-5
+    mirrored = (x - source.flip(-1)).abs().flatten(1).amax(1) < 1e-5
+    assert torch.all(same | mirrored) and 0.25 < mirrored.float().mean() < 0.75
+    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=False), 1, img_size=12, batch_size=25)
+    torch.testing.assert_close(x[0], normalised[y[0]], atol=1e-5, rtol=0)
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    u = sample_uniforms(0, np.zeros(4000, np.int64), np.arange(4000), 4 * reader.ATTEMPTS)
+    top, left, h, w = crop_boxes(u, 20, 30, (0.3, 0.9)).T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 20).all() and (left + w <= 30).all()
+    area = h * w / 600
+    assert area.min() > 0.3 - 0.05 and area.max() < 0.9 + 0.05
+    assert (w / h).min() > 3 / 4 - 0.1 and (w / h).max() < 4 / 3 + 0.15
+    # Same distribution as torchvision's (first fitting draw; small crops are favoured).
+    from torchvision.transforms import RandomResizedCrop
+
+    torch.manual_seed(0)
+    tv = np.array([RandomResizedCrop.get_params(torch.zeros(1, 20, 30), [0.3, 0.9], [3 / 4, 4 / 3])
+                   for _ in range(4000)])
+    assert abs(area.mean() - (tv[:, 2] * tv[:, 3] / 600).mean()) < 0.01
+    assert abs(np.log(w / h).mean() - np.log(tv[:, 3] / tv[:, 2]).mean()) < 0.02
+    assert len(set(top.tolist())) > 5 and len(set(left.tolist())) > 10
+    # No draw fits a 10x20 image at full area: centre crop with the aspect clamped to 4/3.
+    fallback = crop_boxes(u[:3], 10, 20, (1.0, 1.0))
+    assert fallback.tolist() == [[0, 3, 10, 13]] * 3
+
+
+def test_sample_uniforms_depend_on_every_key():
+    index = np.arange(1000)
+    base = sample_uniforms(0, np.zeros(1000), index, 3)
+    assert base.shape == (1000, 3) and 0 <= base.min() and base.max() < 1 and abs(base.mean() - 0.5) < 0.03
+    assert np.array_equal(base, sample_uniforms(0, np.zeros(1000), index, 3))
+    for other in (sample_uniforms(1, np.zeros(1000), index, 3), sample_uniforms(0, np.ones(1000), index, 3),
+                  sample_uniforms(0, np.zeros(1000), index + 1, 3)):
+        assert (other != base).mean() > 0.99
+
+
+@pytest.mark.parametrize("height,width,size", [(16, 16, 24), (40, 30, 12), (20, 20, 20)])
+def test_resized_crops_match_pil_bicubic(height, width, size):
+    rng = np.random.default_rng(0)
+    images = rng.random((3, 1, height, width)).astype(np.float32) * 255
+    boxes = np.array([[0, 0, height, width], [2.0, 3.0, height - 5, width - 4], [1.0, 0.0, height // 2, width // 3]])
+    out = resized_crops(torch.from_numpy(images), torch.from_numpy(boxes), size)
+    for b, (top, left, h, w) in enumerate(boxes):
+        expected = Image.fromarray(images[b, 0], mode="F").resize(
+            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+        np.testing.assert_allclose(out[b, 0].numpy(), np.clip(np.asarray(expected), 0, 255), atol=0.05)
+    flipped = resized_crops(torch.from_numpy(images), torch.from_numpy(boxes), size, flip=torch.tensor([1, 0, 1]) > 0)
+    assert torch.equal(flipped[0], out[0].flip(-1)) and torch.equal(flipped[1], out[1])
+
+
+def test_decode_augment_is_a_pure_function(numbered):
+    dataset, _ = numbered
+    manifest = load_manifest(dataset)
+    import pyarrow.parquet as pq
+
+    blobs = pq.read_table(shard_paths(dataset, "train")[0], columns=["image"]).column("image").to_pylist()
+    kwargs = dict(img_size=8, channels=1, mean=manifest.mean, std=manifest.std, crop_scale=(0.5, 1.0),
+                  hflip=True, seed=0)
+    a = decode_augment(blobs, np.zeros(7), np.arange(7), **kwargs)
+    assert a.shape == (7, 1, 8, 8) and a.dtype == torch.float32
+    assert torch.equal(a, decode_augment(blobs, np.zeros(7), np.arange(7), **kwargs))
+    assert not torch.equal(a, decode_augment(blobs, np.ones(7), np.arange(7), **kwargs))
+
+
+def test_epoch_order_shuffles_within_windows_of_whole_shards():
+    shards = [ShardInfo(file=f"s{i}", split="train", rows=5, bytes=100, sha256="0" * 64) for i in range(6)]
+    order = epoch_order(shards, seed=0, epoch=0, window_bytes=200)
+    assert sorted(order.tolist()) == list(range(30))
+    windows = [set((order[i:i + 10] // 5).tolist()) for i in range(0, 30, 10)]
+    assert all(len(w) == 2 for w in windows) and set().union(*windows) == set(range(6))
+    assert not np.array_equal(order, epoch_order(shards, 0, 1, 200))
+    full = epoch_order(shards, seed=0, epoch=0, window_bytes=10**9)
+    assert sorted(full.tolist()) == list(range(30)) and len(set((full[:10] // 5).tolist())) > 2
+
+
+def test_load_split_returns_exact_pixels_and_stratified_subsets(numbered, tmp_path):
+    dataset, pixels = numbered
+    manifest = load_manifest(dataset)
+    x, y = load_split(dataset, "train", 12)
+    assert y.tolist() == list(range(N))
+    normalised = (torch.from_numpy(pixels).float()[:, None] / 255 - manifest.mean[0]) / manifest.std[0]
+    torch.testing.assert_close(x, normalised)
+    small, _ = load_split(dataset, "train", 6)
+    assert small.shape == (N, 1, 6, 6)
+
+    labels = np.random.default_rng(0).integers(0, 3, 60).astype(np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (60, 4, 4), dtype=np.uint8)
+    import_idx(write_idx(tmp_path / "i", images), write_idx(tmp_path / "l", labels), tmp_path / "three", shard_rows=9)
+    _, sub = load_split(tmp_path / "three", "train", 4, limit=12, seed=0)
+    assert torch.bincount(sub).tolist() == [4, 4, 4]
+    x1, again = load_split(tmp_path / "three", "train", 4, limit=12, seed=0)
+    x2, other = load_split(tmp_path / "three", "train", 4, limit=12, seed=1)
+    assert torch.equal(sub, again) and not torch.equal(x1, x2)
+    with pytest.raises(DatasetError, match="has no split 'val'"):
+        load_split(tmp_path / "three", "val", 4)
+
+
+def test_rgb_images_of_another_size(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        for i in range(5):
+            (tmp_path / "f" / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).save(tmp_path / "f" / cls / f"{i}.jpg")
+    import_imagefolder(tmp_path / "f", tmp_path / "ds")
+    x, y = take(cfg_for(tmp_path / "ds"), 2, img_size=8, batch_size=4)
+    assert x.shape == (2, 4, 3, 8, 8) and set(y.flatten().tolist()) <= {0, 1}
+    x, y = load_split(tmp_path / "ds", "train", 8)
+    assert x.shape == (10, 3, 8, 8) and y.tolist() == [0] * 5 + [1] * 5
+
+
+def test_damaged_shard_stops_training_with_its_name(numbered, tmp_path):
+    import shutil
+
+    dataset = tmp_path / "copy"
+    shutil.copytree(numbered[0], dataset)
+    shard = dataset / "train-00003.parquet"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match="train-00003.parquet has sha256"):
+        take(cfg_for(dataset), 2, img_size=12, batch_size=N)
+    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
+        train_batches(cfg_for(dataset), 12, 4, rank=2, world_size=2)
