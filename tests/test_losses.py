@@ -91,3 +91,13 @@ def test_cluster_usage():
     # leading dims are flattened; a balanced mean gives perplexity K
     used, perplexity = cluster_usage(torch.eye(k).repeat(3, 1).view(2, 12, k))
     assert used == k and perplexity == pytest.approx(k, rel=1e-5)
+
+
+def test_losses_stay_fp32_inside_bf16_autocast():
+    # The trainer runs its forward under autocast; the CEs must not drop to bf16 there (spec §10.12).
+    logits, assign = _rand(2, 6, 32), _rand(2, 6, 32, seed=1).softmax(-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = clustering_loss(logits, assign, temp=0.12)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(_explicit_ce(logits.reshape(-1, 32), assign.reshape(-1, 32), 0.12).item(),
+                                          rel=1e-5)

@@ -104,6 +104,14 @@ def test_input_untouched_no_grad_and_fp32_from_bf16():
     assert out16.dtype == torch.float32
 
 
+def test_unchanged_inside_bf16_autocast():
+    logits = _logits()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sinkhorn_knopp(logits, temp=0.06)
+    assert inside.dtype == torch.float32
+    assert torch.equal(inside, sinkhorn_knopp(logits, temp=0.06))
+
+
 def test_rejects_wrong_rank():
     with pytest.raises(ValueError, match=r"\[N, B, K\]"):
         sinkhorn_knopp(torch.zeros(8, 16), temp=0.1)
