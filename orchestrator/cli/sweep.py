@@ -60,8 +60,8 @@ def _print_summary(spec, file: Path) -> None:
     console.print(table)
     sched = spec.scheduler
     if sched.type == "asha":
-        console.print(f"scheduler: ASHA, grace_period {sched.grace_period}, reduction_factor {sched.reduction_factor:g}, "
-                      f"max_t {sched.max_t or spec.reports_per_trial()} (probe evaluations)")
+        console.print(f"scheduler: ASHA, grace_period {sched.grace_period}, reduction_factor "
+                      f"{sched.reduction_factor:g}, max_t {sched.max_t or spec.reports_per_trial()} (probe evaluations)")
     elif sched.type == "pbt":
         console.print(f"scheduler: PBT every {sched.perturbation_interval} probe evaluations, mutating "
                       f"{', '.join(sched.hyperparam_mutations)}")

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -204,7 +204,7 @@ class PBT(_Strict):
     hyperparam_mutations: list[str] = Field(min_length=1, description="search_space fields PBT may change mid-run")
 
 
-Scheduler = Annotated[Union[NoScheduler, ASHA, PBT], Field(discriminator="type")]
+Scheduler = Annotated[NoScheduler | ASHA | PBT, Field(discriminator="type")]
 
 
 class Budget(_Strict):
@@ -378,14 +378,10 @@ def _apply(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
     return TrainConfig.model_validate(data)
 
 
-def _describe(err: ValidationError, path: str | None = None) -> str:
-    """One line per pydantic error, ``field: message``, leaving out the field when it is ``path``."""
-    parts = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        parts.append(msg if field == path else f"{field or 'config'}: {msg}")
-    return "; ".join(parts)
+def _describe(err: ValidationError) -> str:
+    """The pydantic errors of a TrainConfig on one line: ``field: message; field: message``."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
+                     for e in err.errors())
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -464,7 +460,8 @@ def _check_algorithm(spec: SweepSpec) -> Iterator[Problem]:
 def _check_budget(spec: SweepSpec) -> Iterator[Problem]:
     loc, n, size = ("budget", "num_samples"), spec.budget.num_samples, spec.grid_size()
     if n is None and spec.search.algorithm != "grid":
-        yield Problem(loc, f"search.algorithm {spec.search.algorithm} needs budget.num_samples, the number of trials")
+        yield Problem(("search", "algorithm"), f"search.algorithm {spec.search.algorithm} needs budget.num_samples, "
+                                               f"the number of trials")
         return
     if n is not None and n < size:
         yield Problem(loc, f"the search_space grid has {size} points but budget.num_samples is {n}; "
