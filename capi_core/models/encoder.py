@@ -64,7 +64,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.pos_embed == "rope" and (cfg.embed_dim // cfg.num_heads) % 4:
-            # 2D axial RoPE splits each head into (row, column) x (sin, cos) quarters.
+            # Axial 2D RoPE gives each axis half of a head's channels, rotated in pairs: head_dim/4 frequencies.
             raise ValueError(f"pos_embed 'rope' needs embed_dim/num_heads divisible by 4, got "
                              f"{cfg.embed_dim}/{cfg.num_heads}")
         self.cfg = cfg
@@ -75,11 +75,11 @@ class Encoder(nn.Module):
         self.embed_dim = cfg.embed_dim
         self.timm_architecture = TIMM_ARCHITECTURES[cfg.pos_embed]
         self.vit = timm.create_model(self.timm_architecture, pretrained=False, **self.timm_model_args())
-        for block in self.vit.blocks:
+        for block in self.vit.blocks:  # CAPI: one drop-path rate in every block, not timm's ramp over depth
             block.drop_path1 = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
             block.drop_path2 = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
         self._init_weights()
-        for p in self.vit.norm.parameters():
+        for p in self.vit.norm.parameters():  # identity affine, frozen: CAPI's final norm has none
             p.requires_grad_(False)
 
     def timm_model_args(self) -> dict[str, Any]:
@@ -89,8 +89,8 @@ class Encoder(nn.Module):
                       global_pool="avg", embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
                       mlp_ratio=c.mlp_ratio, qkv_bias=False, class_token=False)
         if c.pos_embed == "learned":
-            # fc_norm=False keeps the final norm on the tokens (forward_features), the mean-pooled
-            # patch tokens (registers excluded) are then the model's default output.
+            # fc_norm=False keeps the final norm on the tokens (forward_features); the model's default
+            # output is then the mean of the normed patch tokens, registers excluded.
             return dict(common, fc_norm=False, reg_tokens=c.registers, no_embed_class=True, proj_bias=False,
                         norm_layer="rmsnorm")
         return dict(common, use_fc_norm=False, num_reg_tokens=c.registers, use_abs_pos_emb=False,
