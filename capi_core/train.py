@@ -155,7 +155,7 @@ class Trainer:
         """Both losses for one micro-batch.
 
         images [B, C, H, W]; visible [B, n_vis]; predict [B, n_pred].
-        Returns (capi_loss, clustering_loss, targets [B*n_pred, K], assignments [N, B, K]).
+        Returns (capi_loss, clustering_loss, targets [B*n_pred, K], clustering logits [N, B, K]).
         """
         loss_cfg, clust_cfg = self.config.loss, self.config.clustering
         registers = self.config.model.registers
@@ -171,7 +171,7 @@ class Trainer:
             targets = assignments.transpose(0, 1)[rows, predict].flatten(0, 1)  # [B*n_pred, K]
             student_logits = self.student_ddp(images, visible, predict)
             loss_s = capi_loss(student_logits, targets, loss_cfg.student_temp)
-        return loss_s, loss_c, targets, assignments
+        return loss_s, loss_c, targets, logits_c
 
     def train_step(self, micro_batches: list[torch.Tensor], step: int) -> dict[str, torch.Tensor]:
         """One optimiser step over ``grad_accumulation`` micro-batches; returns detached metric tensors."""
@@ -190,7 +190,7 @@ class Trainer:
             visible, predict = visible.to(self.device), predict.to(self.device)
             sync = i == n - 1 or not self.distributed
             with contextlib.nullcontext() if sync else self._no_sync():
-                loss_s, loss_c, targets, assignments = self.forward_losses(images, visible, predict)
+                loss_s, loss_c, targets, logits_c = self.forward_losses(images, visible, predict)
                 ((loss_s + loss_c) / n).backward()
             with torch.no_grad():
                 for key, value in (("capi_loss", loss_s), ("clustering_loss", loss_c),
@@ -199,7 +199,7 @@ class Trainer:
         self.optimizer.step()
         ema_update_(self._teacher_params, self._student_params, sched["momentum"])
         self.clustering_optimizer.step()
-        sums["_assignments"] = assignments  # last micro-batch, for cluster usage at log steps
+        sums["_clustering_logits"] = logits_c.detach()  # last micro-batch, for cluster usage at log steps
         return sums
 
     @contextlib.contextmanager
@@ -255,7 +255,10 @@ class Trainer:
 
     def _metrics(self, out: dict[str, torch.Tensor], images_per_s: float) -> dict[str, float]:
         sched = self.schedule(self.step - 1)
-        used, perplexity = cluster_usage(out["_assignments"])
+        # Usage of the head's own predictions: SK outputs are balanced by construction and would
+        # hide a collapsed head.
+        probs = torch.softmax(out["_clustering_logits"].float() / self.config.loss.clustering_temp, dim=-1)
+        used, perplexity = cluster_usage(probs)
         return {
             "train/capi_loss": float(out["capi_loss"]),
             "train/clustering_loss": float(out["clustering_loss"]),
