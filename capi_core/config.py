@@ -171,7 +171,9 @@ class RunConfig(_Strict):
     output_dir: Path = Path("runs")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32 (bf16 is slower without AMX)"
+    )
     compile: bool = False
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
