@@ -1,0 +1,322 @@
+"""Export: a run's EMA teacher encoder as timm-loadable safetensors, a config and a model card.
+
+The export directory holds
+
+* ``model.safetensors``: ``Encoder.vit.state_dict()`` of the checkpoint's EMA teacher, in timm's key
+  layout (no pickle anywhere);
+* ``config.json``: ``architecture`` and ``model_args`` such that
+  ``timm.create_model(cfg["architecture"], pretrained=True,
+  pretrained_cfg_overlay=dict(file="model.safetensors"), **cfg["model_args"])`` loads it with no
+  missing or unexpected key, plus the input normalisation and where the weights came from;
+* ``README.md``: a model card (metrics, configuration, data, sweep, how to load).
+
+``export_run`` picks a run's checkpoint through the ``capi.checkpoint`` tag that tracking writes,
+logs the directory as the run's ``export`` artifacts and registers it as a version of a registered
+model with the alias ``champion``. MLflow 3's ``register_model("runs:/<id>/<dir>")`` only accepts
+logged models (ray_mlflow spec §0.6), so the version is created from the artifacts' URI directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capi_core.config import TrainConfig, flatten
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+ARTIFACT_DIR = "export"
+ALIAS = "champion"
+
+
+class ExportError(RuntimeError):
+    """Nothing to export, or the export cannot be written; the message says which run or file."""
+
+
+@dataclass
+class Exported:
+    out: Path
+    run_id: str | None
+    metric: str | None
+    value: float | None
+    model_name: str | None = None
+    version: str | None = None
+
+
+# -------------------------------------------------------------------------------- the directory
+def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write the EMA teacher of ``checkpoint`` (a checkpoint or run directory) to ``out``.
+
+    ``provenance`` (run id, sweep, trial values, metrics) goes into config.json and the card. The
+    directory is built beside ``out`` and renamed into place, replacing an earlier export.
+    """
+    from safetensors.torch import save_file
+
+    from capi_core.checkpoint import STATE, CheckpointError, list_checkpoints, load_encoder
+
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir() and not (checkpoint / STATE).exists():
+        found = list_checkpoints(checkpoint)
+        checkpoint = found[-1] if found else checkpoint
+    try:
+        encoder, config = load_encoder(checkpoint, "teacher")
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
+    state = json.loads((checkpoint / STATE).read_text())
+    provenance = {**(provenance or {}), "checkpoint": str(checkpoint), "step": state.get("step"),
+                  "checkpoint_metrics": {k: v for k, v in state.get("metrics", {}).items() if _finite(v)}}
+    cfg = export_config(encoder, config, provenance)
+
+    out = Path(out).expanduser().absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
+        (tmp / CARD).write_text(model_card(cfg, config))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_config(encoder, config: TrainConfig, provenance: dict[str, Any]) -> dict[str, Any]:
+    """config.json: how timm builds the model, how inputs are normalised, and where it came from."""
+    c = config.model
+    data = _dataset_facts(config)
+    return {
+        "architecture": encoder.timm_architecture,
+        "model_args": encoder.timm_model_args(),
+        "num_features": c.embed_dim,
+        "num_registers": c.registers,
+        "input_size": [c.in_chans, c.img_size, c.img_size],
+        # The training reader's normalisation (the dataset manifest's statistics, 0-1 scale).
+        "mean": data.get("mean"),
+        "std": data.get("std"),
+        "dataset": data,
+        "training": flatten(config),
+        "source": provenance,
+    }
+
+
+def _dataset_facts(config: TrainConfig) -> dict[str, Any]:
+    from capi_core.data import resolve_dataset
+    from capi_core.data.format import load_manifest
+
+    facts: dict[str, Any] = {"name_or_path": config.data.dataset, "split": config.data.split}
+    try:
+        manifest = load_manifest(resolve_dataset(config.data.dataset, config.data.cache_dir))
+    except (OSError, ValueError):  # not on this machine: the card says so
+        return facts
+    return {**facts, "name": manifest.name, "splits": manifest.splits, "classes": manifest.class_names,
+            "image_size": list(manifest.image_size), "channels": manifest.channels,
+            "mean": manifest.mean, "std": manifest.std}
+
+
+def model_card(cfg: dict[str, Any], config: TrainConfig) -> str:
+    """The README.md of an export."""
+    source, data, m = cfg["source"], cfg["dataset"], config.model
+    name = source.get("run_name") or config.run.name
+    lines = [f"# {name}: CAPI-pretrained ViT encoder", "",
+             f"A {m.depth}-block ViT (width {m.embed_dim}, {m.num_heads} heads, patch {m.patch_size}, "
+             f"{m.img_size}x{m.img_size}x{m.in_chans} input, {m.registers} registers, {m.pos_embed} positions) "
+             f"pretrained with CAPI (cluster-and-predict latent patches). The weights are the EMA teacher "
+             f"encoder at step {source.get('step')} of {config.optim.steps}, in timm's layout "
+             f"(`{cfg['architecture']}` with the model arguments in config.json).", "",
+             "## Metrics", ""]
+    metrics = {**source.get("checkpoint_metrics", {})}
+    if metrics:
+        lines += ["Measured at the exported checkpoint:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    else:
+        lines.append("The checkpoint holds no metrics.")
+    if source.get("metric") is not None:
+        lines += ["", f"Selected as the {source.get('mode', 'max')} of `{source['metric']}` "
+                      f"({source.get('value'):.4g} in MLflow)."]
+    lines += ["", "`probe/knn_top1` is the online weighted k-NN top-1 (%) on small labelled subsets of the "
+                  "training data, a cheap proxy, not a benchmark result.", "", "## Data", ""]
+    if "name" in data:
+        splits = ", ".join(f"{k}: {v}" for k, v in data["splits"].items())
+        lines += [f"Dataset `{data['name']}` ({data['name_or_path']}), split `{data['split']}`; images per split: "
+                  f"{splits}; {data['channels']} channel(s), stored at {data['image_size'][0]}x"
+                  f"{data['image_size'][1]}; classes: {', '.join(data['classes'][:20])}"
+                  + (" ..." if len(data["classes"]) > 20 else "") + ".",
+                  f"Inputs are normalised with mean {data['mean']} and std {data['std']} (0-1 scale)."]
+    else:
+        lines.append(f"Dataset `{data['name_or_path']}` (not available where this export was made; mean and std "
+                     f"are unknown).")
+    lines += ["", "## Sweep", ""]
+    if source.get("sweep"):
+        lines.append(f"Trial `{source.get('trial_id')}` of sweep `{source['sweep']}` (MLflow parent run "
+                     f"`{source.get('parent_run_id')}`).")
+        for k, v in (source.get("trial_params") or {}).items():
+            lines.append(f"- `{k}` = {v}")
+    else:
+        lines.append("Not part of a sweep.")
+    lines += ["", "## Configuration", "",
+              f"{config.optim.steps} steps, global batch {config.optim.batch_size}, lr {config.optim.lr:g}; masking "
+              f"{config.masking.strategy} at {config.masking.ratio:g}; {config.clustering.num_clusters} clusters; "
+              f"temperatures student {config.loss.student_temp:g}, teacher {config.loss.teacher_temp:g}. "
+              f"The full configuration is `training` in config.json.", "",
+              "## How to load", "", "```python", "import json, timm, torch", "",
+              'cfg = json.load(open("config.json"))',
+              'model = timm.create_model(cfg["architecture"], pretrained=True,',
+              '                          pretrained_cfg_overlay=dict(file="model.safetensors"),',
+              '                          **cfg["model_args"]).eval()',
+              'x = torch.rand(1, *cfg["input_size"])  # images in [0, 1]',
+              'x = (x - torch.tensor(cfg["mean"]).view(-1, 1, 1)) / torch.tensor(cfg["std"]).view(-1, 1, 1)',
+              f"tokens = model.forward_features(x)  # [1, {m.registers} registers + patches, {m.embed_dim}]",
+              "pooled = model(x)  # mean of the patch tokens, registers excluded", "```", "",
+              "## Provenance", ""]
+    if source.get("run_id"):
+        lines.append(f"- MLflow run `{source['run_id']}`" + (f" at {source['tracking_uri']}" if source.get(
+            "tracking_uri") else ""))
+    lines.append(f"- checkpoint `{source['checkpoint']}`")
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------- MLflow
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def sweep_parent(uri: str, sweep: str) -> str:
+    """The newest parent run of sweep ``sweep`` in the store at ``uri``."""
+    from orchestrator.sweep.tune import ROLE_TAG, SWEEP_TAG
+
+    client = _client(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = "
+                                                         f"'sweep'", order_by=["attributes.start_time DESC"],
+                              max_results=1) if experiments else []
+    if not runs:
+        raise ExportError(f"no MLflow run of sweep {sweep!r} in {uri}")
+    return runs[0].info.run_id
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """Every run nested under ``parent_run_id``, all pages."""
+    client = _client(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_run(runs: list, metric: str, mode: str = "max"):
+    """The run with the best final ``metric`` among runs that have it and a checkpoint; ExportError if none."""
+    from orchestrator.tracking import CHECKPOINT_TAG
+
+    usable = [r for r in runs if _finite(r.data.metrics.get(metric)) and r.data.tags.get(CHECKPOINT_TAG)]
+    if not usable:
+        raise ExportError(f"none of the {len(runs)} runs has both metric {metric!r} and a checkpoint "
+                          f"(tag {CHECKPOINT_TAG})")
+    return (max if mode == "max" else min)(usable, key=lambda r: r.data.metrics[metric])
+
+
+def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None, mode: str = "max",
+               model_name: str | None = None, register: bool = True) -> Exported:
+    """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
+    from orchestrator.sweep.tune import SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
+    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG
+
+    client = _client(uri)
+    run = client.get_run(run_id)
+    location = run.data.tags.get(CHECKPOINT_TAG)
+    if not location:
+        raise ExportError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG}); did it finish?")
+    sweep = run.data.tags.get(SWEEP_TAG)
+    params = run.data.params
+    provenance = {
+        "run_id": run_id, "run_name": run.info.run_name, "tracking_uri": _safe(uri), "sweep": sweep,
+        "trial_id": run.data.tags.get(TRIAL_TAG), "parent_run_id": run.data.tags.get(PARENT_TAG),
+        "metric": metric, "mode": mode, "value": run.data.metrics.get(metric) if metric else None,
+        "trial_params": {k: params.get(k) for k in json.loads(run.data.tags.get(SWEPT_TAG, "[]"))},
+    }
+    with _local_checkpoint(location) as checkpoint:
+        exported = export_checkpoint(checkpoint, out, provenance)
+    result = Exported(out=exported, run_id=run_id, metric=metric, value=provenance["value"])
+    if register:
+        client.log_artifacts(run_id, str(exported), ARTIFACT_DIR)
+        result.model_name = model_name or f"capi-{sweep or run.info.run_name}"
+        result.version = register_export(client, result.model_name, run_id, f"{run.info.artifact_uri}/{ARTIFACT_DIR}")
+    return result
+
+
+def register_export(client, name: str, run_id: str, source: str) -> str:
+    """A new version of registered model ``name`` from the export at ``source``, aliased champion."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="CAPI-pretrained ViT encoders (timm safetensors)")
+    version = client.create_model_version(name, source=source, run_id=run_id,
+                                          description="model.safetensors + config.json + README.md (timm)")
+    client.set_registered_model_alias(name, ALIAS, version.version)
+    return str(version.version)
+
+
+def export_best(uri: str, parent_run_id: str, out: str | Path, metric: str, mode: str = "max",
+                model_name: str | None = None, register: bool = True) -> Exported:
+    """Export the best child run of a sweep's parent run."""
+    run = best_run(child_runs(uri, parent_run_id), metric, mode)
+    return export_run(uri, run.info.run_id, out, metric, mode, model_name, register)
+
+
+def _safe(uri: str) -> str:
+    from orchestrator.tracking import _safe_uri
+
+    return _safe_uri(uri)
+
+
+class _local_checkpoint:
+    """A local directory with the checkpoint at ``location``: itself, or a download of a remote URI."""
+
+    def __init__(self, location: str):
+        self.location = location
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        if "://" not in self.location:
+            path = Path(self.location)
+            if not path.is_dir():
+                raise ExportError(f"checkpoint {path} does not exist (moved or pruned?)")
+            return path
+        import pyarrow.fs
+
+        self._tmp = tempfile.mkdtemp(prefix="capi-export-")
+        fs, root = pyarrow.fs.FileSystem.from_uri(self.location)
+        pyarrow.fs.copy_files(root, os.path.join(self._tmp, "ckpt"), source_filesystem=fs)
+        return Path(self._tmp) / "ckpt"
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
