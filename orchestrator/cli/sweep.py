@@ -20,6 +20,11 @@ def validate(file: Path) -> None:
     Prints every problem as FILE:LINE: field: message and exits 1, or prints a summary of the
     trials, search space, scheduler and resources.
     """
+    _print_summary(_load(file), file)
+
+
+def _load(file: Path):
+    """The validated sweep, or exit 1 after printing every problem (nothing else has started)."""
     import warnings
 
     from orchestrator.sweep.spec import SweepSpecError, load_sweep
@@ -34,7 +39,7 @@ def validate(file: Path) -> None:
             raise click.exceptions.Exit(1) from None
     for w in caught:
         click.secho(f"warning: {w.message}", fg="yellow", err=True)
-    _print_summary(spec, file)
+    return spec
 
 
 def _print_summary(spec, file: Path) -> None:
@@ -74,3 +79,176 @@ def _print_summary(spec, file: Path) -> None:
     console.print(f"tracking: MLflow experiment '{spec.mlflow.experiment or spec.name}'"
                   + (f" at {spec.mlflow.tracking_uri}" if spec.mlflow.tracking_uri else "")
                   + f"; trials under {spec.storage}; up to {spec.failure.max_failures} restart(s) per trial")
+
+
+_STORAGE_HELP = "where sweeps live (a sweep file's storage); default: the sweep schema's default"
+_ADDRESS_HELP = "join a running cluster: auto, or ray://HEAD:10001; default: start a local Ray"
+
+
+def _storage(storage: Path | None) -> Path:
+    from orchestrator.sweep.spec import SweepSpec
+
+    return storage or SweepSpec.model_fields["storage"].default
+
+
+@sweep.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--address", default=None, help=_ADDRESS_HELP)
+@click.option("--export/--no-export", "do_export", default=True,
+              help="export the best trial to <storage>/<name>/export and register it (alias champion)")
+def run(file: Path, address: str | None, do_export: bool) -> None:
+    """Run the sweep in FILE with Ray Tune, tracked in MLflow.
+
+    Validates FILE first (nothing starts on a bad file), starts a local Ray sized for the sweep
+    unless --address names a cluster, prints a line per trial event, then a table of the trials,
+    exports the best one and says how to open MLflow. An interrupted sweep continues with
+    `capi sweep resume NAME`.
+    """
+    from orchestrator.sweep.tune import SweepError, run_sweep
+
+    spec = _load(file)
+    try:
+        outcome = run_sweep(spec, file, address)
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+    _finish(outcome, do_export)
+
+
+@sweep.command()
+@click.argument("name")
+@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
+@click.option("--address", default=None, help=_ADDRESS_HELP)
+@click.option("--export/--no-export", "do_export", default=True, help="export the best trial at the end")
+def resume(name: str, storage: Path | None, address: str | None, do_export: bool) -> None:
+    """Continue the interrupted sweep NAME without re-running finished trials.
+
+    Unfinished and errored trials go on from their latest checkpoints, into the same MLflow runs.
+    Ray Tune restores its state by unpickling files in <storage>/NAME: only resume sweeps from
+    storage you (this tool) wrote, never a directory someone else can write to.
+    """
+    from orchestrator.sweep.tune import SweepError, resume_sweep
+
+    try:
+        outcome = resume_sweep(_storage(storage), name, address)
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+    _finish(outcome, do_export)
+
+
+@sweep.command()
+@click.argument("name")
+@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
+def status(name: str, storage: Path | None) -> None:
+    """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
+    from orchestrator.sweep.tune import SweepError, load_sweep_run, trial_rows
+
+    try:
+        spec, state, directory = load_sweep_run(_storage(storage), name)
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+    rows = trial_rows(directory, spec)
+    _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows)
+    click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
+               f"at {state.tracking_uri}")
+
+
+@sweep.command()
+@click.argument("name")
+@click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="report directory; default: <storage>/NAME/report")
+@click.option("--images", type=click.IntRange(min=1), default=64, show_default=True,
+              help="held-out images for the register diagnostics of each trial")
+@click.option("--log/--no-log", default=True, help="log the report to the sweep's MLflow parent run")
+def report(name: str, storage: Path | None, out: Path | None, images: int, log: bool) -> None:
+    """Write an HTML report of sweep NAME: metric vs parameters, learning curves, registers vs
+    high-norm tokens, a table of the trials; log it to the parent MLflow run."""
+    from orchestrator.report import build_report
+    from orchestrator.sweep.tune import SweepError
+
+    try:
+        page = build_report(_storage(storage), name, out, images=images, log=log)
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"report: {page}")
+
+
+@sweep.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+@click.option("--project-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="shipped as the job's working directory (without .venv, runs, mlruns, .git)")
+@click.option("--follow", is_flag=True, help="print the job's logs until it ends")
+@click.option("--insecure", is_flag=True, help="submit even to a cluster without token authentication")
+def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: bool) -> None:
+    """Submit the sweep in FILE to a Ray cluster as a job running `capi sweep run FILE`.
+
+    The cluster must use token authentication (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token supply the token, which is never printed); one that accepts jobs without a
+    token is refused unless --insecure.
+    """
+    from orchestrator.sweep import jobs
+
+    spec = _load(file)
+    try:
+        client = jobs.job_client(address, insecure=insecure)
+        job_id = jobs.submit(client, spec.name, file, project_dir)
+    except jobs.JobError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"submitted job {job_id} to {address}")
+    if follow:
+        final = jobs.follow(client, job_id, click.echo)
+        click.echo(f"job {job_id}: {final}")
+        if final != "SUCCEEDED":
+            raise click.exceptions.Exit(1)
+    else:
+        click.echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
+
+
+def _print_trials(metric: str, mode: str, params: list[str], rows) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.sweep.tune import best_trial
+
+    best = best_trial(rows, mode)
+    table = Table("trial", "status", *params, f"best {metric}", "last", "probes", "step")
+    for r in rows:
+        style = "bold green" if best is not None and r.trial_id == best.trial_id else None
+        table.add_row(r.trial_id, r.status + (f": {r.error}" if r.error else ""),
+                      *[str(r.params.get(p, "")) for p in params], _num(r.metric), _num(r.last),
+                      str(r.probe_evals), str(r.step or ""), style=style)
+    import sys
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs: no truncated cells
+    console.print(table)
+    if best is not None:
+        values = ", ".join(f"{k}={v}" for k, v in best.params.items())
+        console.print(f"best: trial {best.trial_id} ({values}) with {metric} {best.metric:.4g}")
+
+
+def _num(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _finish(outcome, do_export: bool) -> None:
+    """Table, best trial, export of the best, and how to look at it all in MLflow."""
+    from orchestrator.export import ExportError, export_best
+
+    spec_params = sorted({k for r in outcome.trials for k in r.params})
+    _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials)
+    state = outcome.state
+    if do_export and outcome.best is not None:
+        try:
+            done = export_best(state.tracking_uri, state.parent_run_id, outcome.path / "export", outcome.metric,
+                               outcome.mode)
+            click.echo(f"exported the best trial to {done.out} (registered {done.model_name} v{done.version} "
+                       f"@champion)")
+        except ExportError as err:
+            click.secho(f"not exported: {err}", fg="yellow", err=True)
+    uri = state.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"MLflow: open {uri} (experiment {state.experiment}, parent run {state.parent_run_id})")
+    else:
+        click.echo(f"MLflow: mlflow ui --backend-store-uri {uri}   (experiment {state.experiment}, "
+                   f"parent run {state.parent_run_id})")

@@ -1,0 +1,670 @@
+"""Running a sweep: one Ray Tune trial per CAPI run, each trial a Ray Train (V2) run, nested in MLflow.
+
+The Tune + Train V2 pattern (ray_mlflow spec §1.3): every trial is a Tune *function* that builds the
+trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``); a
+``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
+scheduler see them. The trial function takes no CPU itself (it only waits); Train's workers hold the
+trial's resources, so ``max_concurrent_trials`` defaults to the number of trials the cluster holds.
+
+Layout of ``<storage>/<name>/`` (the Tune experiment directory):
+
+* Tune's own state (``experiment_state-*.json``, ``tuner.pkl``, a directory per trial with
+  ``result.json``), which ``capi sweep resume`` restores;
+* ``capi_sweep.json``: the MLflow store, experiment and parent run id, so a resume reuses them;
+* ``sweep.json`` (the validated sweep, local paths made absolute) and ``sweep.yaml`` (as written);
+* ``trials/<name>-<trial id>/``: each trial's Ray Train run (checkpoints, metrics.jsonl). The name is
+  stable per trial, so a restarted trial resumes from its latest checkpoint instead of starting over.
+
+MLflow: a parent run per sweep (sweep.yaml and the resolved search space as artifacts; at the end the
+best trial's metric as ``best/<metric>`` and its ids as tags) and one child run per trial, tagged
+``mlflow.parentRunId`` and ``capi.trial_id``, logged by rank 0 (``orchestrator.tracking``). A child
+run is found again by its trial id, so retries and resumes append to it.
+
+Limits: storage must be a local or shared filesystem every node sees. PBT is not supported here: it
+needs Tune-level checkpoints that Train-in-Tune does not produce (spec §1.3); ``run_sweep`` refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from capi_core.config import TrainConfig
+from orchestrator.sweep.spec import Distribution, SweepSpec
+
+PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
+STATE_FILE = "capi_sweep.json"
+SPEC_FILE = "sweep.json"
+YAML_FILE = "sweep.yaml"
+TRIALS_DIR = "trials"
+SWEEP_TAG = "capi.sweep"
+ROLE_TAG = "capi.role"
+TRIAL_TAG = "capi.trial_id"
+SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every child run
+STOPPED_TAG = "capi.stopped_early"
+
+
+class SweepError(RuntimeError):
+    """A sweep cannot start, resume or finish; the message says why and what to do."""
+
+
+@dataclass
+class SweepState:
+    """What a sweep keeps next to Tune's state so that a resume tracks into the same MLflow runs."""
+
+    name: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+
+    def save(self, directory: Path) -> None:
+        _write_atomic(Path(directory) / STATE_FILE, json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> SweepState:
+        path = Path(directory) / STATE_FILE
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise SweepError(f"{directory} holds no sweep started by capi ({STATE_FILE} is missing)") from None
+        except (OSError, ValueError, TypeError) as err:
+            raise SweepError(f"{path} is unreadable: {err}") from None
+
+
+@dataclass
+class TrialRow:
+    """One trial as the sweep's table shows it."""
+
+    trial_id: str
+    status: str  # PENDING, RUNNING, TERMINATED, ERROR (Tune's), or "STOPPED" (by the scheduler)
+    params: dict[str, Any]
+    metric: float | None  # the best value of search.metric over the trial's reports
+    last: float | None  # the last reported value
+    probe_evals: int  # reports seen
+    step: int | None  # training step of the last report
+    error: str | None = None
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    path: Path
+    state: SweepState
+    metric: str
+    mode: str
+    trials: list[TrialRow] = field(default_factory=list)
+
+    @property
+    def best(self) -> TrialRow | None:
+        return best_trial(self.trials, self.mode)
+
+
+def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    scored = [r for r in rows if r.metric is not None and math.isfinite(r.metric)]
+    if not scored:
+        return None
+    return (max if mode == "max" else min)(scored, key=lambda r: r.metric)
+
+
+# ------------------------------------------------------------------------------------- pure parts
+def sweep_dir(storage: str | Path, name: str) -> Path:
+    return Path(storage).expanduser().resolve() / name
+
+
+def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
+    """The spec with every local path absolute and trials writing under ``directory/trials``.
+
+    Trials run in Ray workers with their own working directories; base overrides pin the dataset,
+    cache and output paths the driver resolved.
+    """
+    from orchestrator.train import absolute_paths
+
+    resolved = absolute_paths(spec.base_config).data
+    data = spec.model_dump(mode="json")  # rebuilt rather than model_copy'd: base_config is cached
+    if spec.base.config is not None:
+        data["base"]["config"] = str(spec.base.config.resolve())
+    overrides = data["base"]["overrides"]
+    overrides.update({"data.dataset": resolved.dataset, "run.output_dir": str(directory / TRIALS_DIR)})
+    if resolved.cache_dir is not None:
+        overrides["data.cache_dir"] = str(resolved.cache_dir)
+    data["storage"] = str(Path(directory).parent)
+    return SweepSpec.model_validate(data)
+
+
+def tune_domain(dist: Distribution):
+    """The Ray Tune search domain of one sweep dimension."""
+    from ray import tune
+
+    lo_hi = dist.args
+    return {"grid": lambda: tune.grid_search(lo_hi), "choice": lambda: tune.choice(lo_hi),
+            "uniform": lambda: tune.uniform(*lo_hi), "loguniform": lambda: tune.loguniform(*lo_hi),
+            "randint": lambda: tune.randint(*lo_hi)}[dist.kind]()
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """``{"loss.teacher_temp": tune.grid_search([...]), ...}``: Tune's config is the dotted trial values."""
+    return {path: tune_domain(dist) for path, dist in spec.search_space.items()}
+
+
+def searcher(spec: SweepSpec, max_concurrent: int):
+    """grid and random: Tune's variant generator (seeded); optuna: TPE behind a concurrency limit.
+
+    The searcher enforces ``max_concurrent`` itself: Tune ignores TuneConfig's max_concurrent_trials
+    next to a variant generator.
+    """
+    if spec.search.algorithm == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.search.seed), max_concurrent=max_concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=max_concurrent)
+
+
+def scheduler(spec: SweepSpec):
+    """None (FIFO) or ASHA on search.metric, its time counted in probe evaluations."""
+    sched = spec.scheduler
+    if sched.type == "none":
+        return None
+    if sched.type == "pbt":
+        raise SweepError("scheduler pbt is not supported by capi sweep run: PBT copies Tune-level checkpoints, "
+                         "which a Ray Train run inside a Tune trial does not produce (ray_mlflow spec §1.3); "
+                         "use asha or none")
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr=PROBE_EVALS, max_t=sched.max_t or spec.reports_per_trial(),
+                         grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
+
+
+def probe_evals(step: int, every: int) -> int:
+    """Probe evaluations a trial has made once it reported at ``step`` (every ``every`` steps and the last)."""
+    return (step - 1) // every + 1 if every else 1
+
+
+def is_probe_step(step: int, config: TrainConfig) -> bool:
+    every = config.probe.every
+    return step == config.optim.steps or bool(every and step % every == 0)
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    res = spec.resources
+    need = {"CPU": res.workers * res.cpus_per_worker}
+    if res.gpus_per_worker:
+        need["GPU"] = res.workers * res.gpus_per_worker
+    return need
+
+
+def fitting_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """How many trials the cluster's resources hold at once (at least 1)."""
+    return max(1, min(int(cluster.get(k, 0) // v) for k, v in trial_resources(spec).items()))
+
+
+# -------------------------------------------------------------------------------- inside a trial
+try:  # a Train callback class must exist at import time; Ray is an orchestrator dependency
+    from ray.tune.integration.ray_train import TuneReportCallback
+except ImportError:  # pragma: no cover - only without ray[tune]
+    TuneReportCallback = object
+
+
+class ProbeReport(TuneReportCallback):
+    """Forwards rank 0's reports at probe steps to Tune, once per step, with the probe count.
+
+    Tune compares trials on these (the scheduler's rungs are probe evaluations); Train's other
+    reports (log steps, periodic checkpoints) stay in MLflow. Only reports that carry ``metric`` are
+    forwarded, as Tune requires the metric in every result.
+    """
+
+    def __init__(self, metric: str, config: TrainConfig):
+        super().__init__()
+        self.metric = metric
+        self.config = config
+        self._last_step = -1
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = metrics[0]
+        step = int(report.get("step", -1))
+        if self.metric not in report or step <= self._last_step or not is_probe_step(step, self.config):
+            return
+        self._last_step = step
+        self._training_actor_item_queue.put(
+            {**report, PROBE_EVALS: probe_evals(step, self.config.probe.every)})
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs besides its values; shipped once through ``tune.with_parameters``."""
+
+    spec: SweepSpec  # portable: absolute paths
+    state: SweepState
+    directory: str
+
+
+class TrialError(RuntimeError):
+    """A trial's training failed after its Train-level restarts; Tune may retry it."""
+
+
+def scaling_options(spec: SweepSpec):
+    from orchestrator.train import ScalingOptions
+
+    res = spec.resources
+    return ScalingOptions(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
+                          use_gpu=res.gpus_per_worker > 0, max_failures=spec.failure.max_failures)
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> TrainConfig:
+    """The trial's TrainConfig: the sweep's values, run named ``<sweep>-<trial id>`` (stable across restarts)."""
+    config = spec.trial_config({path: params[path] for path in spec.search_space})
+    return config.model_copy(update={"run": config.run.model_copy(update={"name": f"{spec.name}-{trial_id}"})})
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trial: one CAPI run as a Ray Train run, tracked in a child MLflow run."""
+    import ray.tune
+    from ray.train import TrainingFailedError
+
+    from orchestrator import tracking as track
+    from orchestrator.train import build_trainer, describe_failure, run_path
+
+    spec, state = setup.spec, setup.state
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config(spec, params, trial_id)
+    scaling = scaling_options(spec)
+    path = Path(run_path(config, scaling))
+
+    final = final_metrics(path, config)
+    if final is not None:  # trained before the sweep was interrupted: report, do not train again
+        ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
+        return
+
+    options = track.TrackingOptions(uri=state.tracking_uri, experiment=state.experiment,
+                                    parent_run_id=state.parent_run_id,
+                                    tags={SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
+                                          SWEPT_TAG: json.dumps(list(spec.search_space))})
+    known = child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
+    run_id = track.open_run(state.tracking_uri, config, options, known)
+    trainer = build_trainer(config, scaling, tracking_uri=state.tracking_uri, tracking=options,
+                            mlflow_run_id=run_id, callbacks=[ProbeReport(spec.search.metric, config)])
+    try:
+        trainer.fit()
+    except TrainingFailedError as err:
+        message = describe_failure(err)
+        track.end_run(state.tracking_uri, run_id, "FAILED", message)
+        raise TrialError(f"trial {trial_id} failed:\n{message}") from None
+    track.end_run(state.tracking_uri, run_id, "FINISHED")
+
+
+def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The metrics saved in a finished run's last checkpoint (with its step), or None if unfinished."""
+    from capi_core.checkpoint import STATE, list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    if not found:
+        return None
+    try:
+        state = json.loads((found[-1] / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    if int(state.get("step", 0)) < config.optim.steps:
+        return None
+    return {"step": int(state["step"]), **state.get("metrics", {})}
+
+
+def child_run_id(state: SweepState, trial_id: str) -> str | None:
+    """The MLflow child run of ``trial_id`` under the sweep's parent run, if one exists."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(state.tracking_uri)
+    parent = client.get_run(state.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=2,
+                              filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' "
+                                            f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+# ------------------------------------------------------------------------------------ the driver
+try:
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # pragma: no cover
+    _TuneCallback = object
+
+
+class SweepProgress(_TuneCallback):
+    """Prints one line per trial event and closes the MLflow runs of trials the scheduler stopped.
+
+    A trial that finishes its training closes its own run; one stopped early (ASHA, time budget) is
+    killed mid-training, so its run is closed here as FINISHED with ``capi.stopped_early``.
+    """
+
+    def __init__(self, state: SweepState, metric: str, reports: int):
+        self.state, self.metric, self.reports = state, metric, reports
+
+    def _say(self, trial, text: str) -> None:
+        print(f"[trial {trial.trial_id}] {text}", file=sys.stdout, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        values = ", ".join(f"{k}={v}" for k, v in trial.config.items())
+        self._say(trial, f"started: {values}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        self._say(trial, f"probe {result.get(PROBE_EVALS, '?')}/{self.reports} at step {result.get('step', '?')}: "
+                         f"{self.metric} {value:.4g}" if isinstance(value, (int, float)) else "reported")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        last = trial.last_result or {}
+        early = last.get(PROBE_EVALS, 0) < self.reports
+        self._say(trial, "stopped early by the scheduler" if early else "finished")
+        run_id = _quiet(lambda: child_run_id(self.state, trial.trial_id))
+        if early and run_id:
+            _quiet(lambda: _close_stopped(self.state.tracking_uri, run_id))
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, f"failed; see {trial.path}/error.txt")
+
+
+def _close_stopped(uri: str, run_id: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, STOPPED_TAG, "true")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def _quiet(call: Callable[[], Any]) -> Any:
+    """Tracking trouble must not stop the sweep: warn and go on."""
+    try:
+        return call()
+    except Exception as err:  # noqa: BLE001 - any store or network failure
+        print(f"warning: MLflow: {err}", file=sys.stderr, flush=True)
+        return None
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _trainable(spec: SweepSpec, state: SweepState, directory: Path):
+    from ray import tune
+
+    setup = TrialSetup(spec=spec, state=state, directory=str(directory))
+    # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
+    # an empty bundle, so it asks for a token hundredth of a CPU.
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": 0.01})
+
+
+def _init_ray(spec: SweepSpec, address: str | None) -> bool:
+    """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address is None:
+        per_trial = trial_resources(spec)["CPU"]
+        cpus = max(os.cpu_count() or 1, math.ceil(per_trial * (spec.budget.max_concurrent_trials or 1)))
+        ray.init(num_cpus=cpus, include_dashboard=True)  # the dashboard frees stopped trials' PGs (§0.2)
+    else:
+        import capi_core
+        import orchestrator
+
+        modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
+        ray.init(address=address, runtime_env={"py_modules": modules})
+    return True
+
+
+def _tracking(spec: SweepSpec) -> str:
+    from orchestrator import tracking as track
+
+    uri = track.resolve_uri(spec.mlflow.tracking_uri)
+    try:
+        track.check_reachable(uri)
+    except track.TrackingError as err:
+        raise SweepError(str(err)) from None
+    return uri
+
+
+def _open_parent(spec: SweepSpec, uri: str, source_text: str | None) -> SweepState:
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking as track
+
+    experiment = spec.mlflow.experiment or spec.name
+    client = MlflowClient(uri)
+    run = client.create_run(track._experiment_id(client, experiment), run_name=spec.name,
+                            tags={SWEEP_TAG: spec.name, ROLE_TAG: "sweep"})
+    run_id = run.info.run_id
+    if source_text is not None:
+        client.log_text(run_id, source_text, YAML_FILE)
+    client.log_dict(run_id, {path: {dist.kind: dist.args} for path, dist in spec.search_space.items()},
+                    "search_space.json")
+    client.log_dict(run_id, {"algorithm": spec.search.algorithm, "metric": spec.search.metric,
+                             "mode": spec.search.mode, "scheduler": spec.scheduler.model_dump(),
+                             "budget": spec.budget.model_dump(), "resources": spec.resources.model_dump(),
+                             "trials": spec.num_trials()}, "sweep_settings.json")
+    client.log_dict(run_id, track.redact_nested(spec.base_config.model_dump(mode="json")), "base_config.yaml")
+    client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
+                                             "search.metric": spec.search.metric, "search.mode": spec.search.mode,
+                                             "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
+    return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id)
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None = None) -> SweepOutcome:
+    """Run a validated sweep to the end and return its trials.
+
+    Creates ``<storage>/<name>`` (refusing one that exists: resume it instead), the MLflow parent
+    run, and a Tuner; starts a local Ray unless one runs or ``address`` names a cluster.
+    """
+    import ray
+    from ray import tune
+
+    directory = sweep_dir(spec.storage, spec.name)
+    if (directory / STATE_FILE).exists() or tune.Tuner.can_restore(str(directory)):
+        raise SweepError(f"sweep {spec.name!r} already exists in {directory}; continue it with "
+                         f"`capi sweep resume {spec.name}`, or remove that directory to start over")
+    scheduler(spec)  # refuse what cannot run before anything is created
+    uri = _tracking(spec)
+    if address is None:
+        _check_dataset(spec.base_config)
+    started = _init_ray(spec, address)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        run_spec = portable(spec, directory)
+        state = _open_parent(spec, uri, source.read_text() if source else None)
+        state.save(directory)
+        _write_atomic(directory / SPEC_FILE, run_spec.model_dump_json(indent=1))
+        if source is not None:
+            shutil.copyfile(source, directory / YAML_FILE)
+        max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
+        tuner = tune.Tuner(
+            _trainable(run_spec, state, directory),
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
+                search_alg=searcher(spec, max_concurrent), scheduler=scheduler(spec),
+                time_budget_s=spec.budget.time_limit_s,
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=str(directory.parent), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+                callbacks=[SweepProgress(state, spec.search.metric, spec.reports_per_trial())]),
+        )
+        return _fit(tuner, run_spec, state, directory)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepState, Path]:
+    """The spec and MLflow state a sweep directory holds (written by ``run_sweep``)."""
+    directory = sweep_dir(storage, name)
+    if not directory.is_dir():
+        raise SweepError(f"no sweep {name!r} in {directory.parent}")
+    state = SweepState.load(directory)
+    try:
+        spec = SweepSpec.model_validate_json((directory / SPEC_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise SweepError(f"{directory / SPEC_FILE} is unreadable: {err}") from None
+    return spec, state, directory
+
+
+def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> SweepOutcome:
+    """Continue an interrupted sweep: unfinished and errored trials run on from their checkpoints,
+    finished ones are kept. Tune's restore unpickles its state: only our own storage is read."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    spec, state, directory = load_sweep_run(storage, name)
+    if not tune.Tuner.can_restore(str(directory)):
+        raise SweepError(f"{directory} holds no Tune state to resume (the sweep stopped before its first "
+                         f"trial); remove it and run the sweep again")
+    from orchestrator import tracking as track
+
+    try:
+        track.check_reachable(state.tracking_uri)
+    except track.TrackingError as err:
+        raise SweepError(str(err)) from None
+    started = _init_ray(spec, address)
+    try:
+        MlflowClient(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
+        tuner = tune.Tuner.restore(str(directory), _trainable(spec, state, directory),
+                                   resume_unfinished=True, resume_errored=True)
+        return _fit(tuner, spec, state, directory)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOutcome:
+    from orchestrator import tracking as track
+
+    try:
+        tuner.fit()
+    except BaseException as err:
+        _quiet(lambda: track.end_run(state.tracking_uri, state.parent_run_id,
+                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", repr(err)))
+        raise
+    outcome = SweepOutcome(name=spec.name, path=directory, state=state, metric=spec.search.metric,
+                           mode=spec.search.mode, trials=trial_rows(directory, spec))
+    _quiet(lambda: log_summary(outcome))
+    return outcome
+
+
+def log_summary(outcome: SweepOutcome) -> None:
+    """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED."""
+    from mlflow.entities import Metric, RunTag
+    from mlflow.tracking import MlflowClient
+
+    state = outcome.state
+    client = MlflowClient(state.tracking_uri)
+    counts: dict[str, int] = {}
+    for row in outcome.trials:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"sweep/trials_{k.lower()}", float(v), now, 0) for k, v in counts.items()]
+    tags = [RunTag("capi.trials", json.dumps(counts))]
+    best = outcome.best
+    if best is not None:
+        metrics.append(Metric(f"best/{outcome.metric}", float(best.metric), now, 0))
+        tags.append(RunTag("capi.best_trial", best.trial_id))
+        run_id = child_run_id(state, best.trial_id)
+        if run_id:
+            tags.append(RunTag("capi.best_run_id", run_id))
+    client.log_batch(state.parent_run_id, metrics=metrics, tags=tags)
+    client.log_dict(state.parent_run_id, [asdict(r) for r in outcome.trials], "trials.json")
+    failed = bool(outcome.trials) and all(r.status == "ERROR" for r in outcome.trials)
+    client.set_terminated(state.parent_run_id, "FAILED" if failed else "FINISHED")
+
+
+# ------------------------------------------------------------------------------ reading storage
+def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
+    """Every trial of a sweep directory, read from Tune's JSON files (nothing is unpickled)."""
+    statuses = _trial_statuses(directory)
+    rows = []
+    for trial_dir in sorted(p for p in Path(directory).glob("trial_*") if p.is_dir()):
+        trial_id = trial_dir.name.removeprefix("trial_")
+        params = _read_json(trial_dir / "params.json") or {}
+        results = _read_results(trial_dir / "result.json")
+        values = [r[spec.search.metric] for r in results if isinstance(r.get(spec.search.metric), (int, float))]
+        pick = max if spec.search.mode == "max" else min
+        status = statuses.get(trial_id, "PENDING" if not results else "TERMINATED")
+        evals = int(results[-1].get(PROBE_EVALS, 0)) if results else 0
+        if status == "TERMINATED" and evals < spec.reports_per_trial():
+            status = "STOPPED"
+        error = (trial_dir / "error.txt").read_text().strip().splitlines()[-1:] if (trial_dir / "error.txt").exists() \
+            else None
+        rows.append(TrialRow(trial_id=trial_id, status=status,
+                             params={k: params[k] for k in spec.search_space if k in params},
+                             metric=pick(values) if values else None, last=values[-1] if values else None,
+                             probe_evals=evals, step=results[-1].get("step") if results else None,
+                             error=error[0] if error else None))
+    known = {r.trial_id for r in rows}
+    rows += [TrialRow(t, s, {}, None, None, 0, None) for t, s in statuses.items() if t not in known]
+    return rows
+
+
+def _trial_statuses(directory: Path) -> dict[str, str]:
+    """trial id -> Tune status from the newest experiment state file (its plain JSON fields only)."""
+    states = sorted(Path(directory).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return {}
+    data = _read_json(states[-1]) or {}
+    out = {}
+    for item in data.get("trial_data", []):
+        trial = item[0] if isinstance(item, list) else item
+        if isinstance(trial, str):
+            trial = json.loads(trial)
+        if isinstance(trial, dict) and "trial_id" in trial:
+            out[trial["trial_id"]] = trial.get("status", "UNKNOWN")
+    return out
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_results(path: Path) -> list[dict[str, Any]]:
+    out = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return out
+
+
+def _check_dataset(config: TrainConfig) -> None:
+    from capi_core.data import resolve_dataset
+
+    try:
+        resolve_dataset(config.data.dataset, config.data.cache_dir)
+    except (ValueError, OSError) as err:
+        raise SweepError(f"base data.dataset: {err}") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
