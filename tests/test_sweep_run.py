@@ -1,0 +1,313 @@
+"""Sweeps on a real local Ray and a real MLflow server: Tune trials running Ray Train runs.
+
+One ASHA sweep runs end to end through ``capi sweep run`` (nested MLflow runs, the parent's
+summary, a trial stopped early with later trials still starting, export, status, report); another
+sweep's driver is killed by pid after its first trial and ``capi sweep resume`` finishes it with
+every trial trained exactly once. Trials are cpu-tiny runs of a few steps, one worker each.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.sweep import jobs
+from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.tune import (
+    PROBE_EVALS,
+    STOPPED_TAG,
+    TRIAL_TAG,
+    SweepError,
+    fitting_trials,
+    is_probe_step,
+    param_space,
+    portable,
+    probe_evals,
+    run_sweep,
+    scheduler,
+    sweep_dir,
+)
+
+
+def sweep_file(tmp_path: Path, name: str, dataset: Path, uri: str, steps: int = 10, **sections) -> Path:
+    """A cpu-tiny sweep file: ``steps`` steps, a probe every 5, one 1-CPU worker per trial."""
+    doc = {
+        "name": name,
+        "base": {"preset": "cpu-tiny", "overrides": {
+            "data.dataset": str(dataset), "data.loader_workers": 0, "optim.steps": steps, "probe.every": 5,
+            "run.threads": 1}},
+        "search_space": {"loss.teacher_temp": {"grid": [0.02, 0.5, 0.03]}},
+        "search": {"algorithm": "grid"},
+        "budget": {"max_concurrent_trials": 1},
+        "storage": str(tmp_path / "sweeps"),
+        "mlflow": {"tracking_uri": uri, "experiment": f"sweep-{name}"},
+        **sections,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def mlflow_client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def runs_of(client, experiment: str) -> tuple:
+    """(parent run, child runs by trial id) of a sweep's experiment."""
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("capi.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return parent, children
+
+
+# ----------------------------------------------------------------------------------- pure logic
+def test_search_space_scheduler_units_and_concurrency(tiny_dataset, tmp_path):
+    from orchestrator.sweep.spec import load_sweep
+
+    spec = load_sweep(sweep_file(tmp_path, "units", tiny_dataset, "sqlite:///x.db", search={"algorithm": "random"},
+                                 search_space={"loss.teacher_temp": {"loguniform": [0.01, 0.1]},
+                                               "model.registers": {"grid": [0, 4]},
+                                               "optim.lr": {"choice": [1e-3, 2e-3]}},
+                                 budget={"num_samples": 4}, scheduler={"type": "asha", "grace_period": 1}))
+    space = param_space(spec)
+    assert space["model.registers"] == {"grid_search": [0, 4]}
+    assert (space["loss.teacher_temp"].lower, space["loss.teacher_temp"].upper) == (0.01, 0.1)
+    assert space["optim.lr"].categories == [1e-3, 2e-3]
+    asha = scheduler(spec)
+    assert (asha._time_attr, asha._max_t) == (PROBE_EVALS, 2)
+    assert min(milestone for milestone, _ in asha._brackets[0]._rungs) == 1  # the grace period
+    # Probe reports at steps 5 and 10 count as evaluations 1 and 2, as reports_per_trial says.
+    assert [probe_evals(s, 5) for s in (5, 10)] == [1, 2] and spec.reports_per_trial() == 2
+    assert [probe_evals(s, 4) for s in (4, 8, 10)] == [1, 2, 3]
+    config = spec.base_config
+    assert [s for s in range(1, 11) if is_probe_step(s, config)] == [5, 10]
+    assert fitting_trials(spec, {"CPU": 3.5}) == 3 and fitting_trials(spec, {"CPU": 0.5}) == 1
+    # Trials get absolute paths and write under the sweep directory.
+    moved = portable(spec, tmp_path / "sweeps" / "units")
+    trial = moved.trial_config({"loss.teacher_temp": 0.05, "model.registers": 0, "optim.lr": 1e-3})
+    assert trial.run.output_dir == tmp_path / "sweeps" / "units" / "trials" and trial.model.registers == 0
+    assert Path(trial.data.dataset).is_absolute()
+
+
+def test_pbt_and_an_existing_sweep_are_refused_before_anything_starts(tiny_dataset, tmp_path, mlflow_server):
+    from orchestrator.sweep.spec import load_sweep
+
+    pbt = load_sweep(sweep_file(
+        tmp_path, "pbt", tiny_dataset, mlflow_server,
+        base={"preset": "cpu-tiny", "overrides": {"data.dataset": str(tiny_dataset), "optim.steps": 20,
+                                                  "probe.every": 5, "run.checkpoint_every": 5,
+                                                  "run.keep_checkpoints": 4}},
+        scheduler={"type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": ["loss.teacher_temp"]},
+        search_space={"loss.teacher_temp": {"choice": [0.02, 0.05]}}, search={"algorithm": "random"},
+        budget={"num_samples": 2}))
+    with pytest.raises(SweepError, match="pbt is not supported"):
+        run_sweep(pbt)
+    assert not sweep_dir(pbt.storage, "pbt").exists()
+    # A bad file stops at validation: exit 1, the problem printed, no storage created.
+    bad = sweep_file(tmp_path, "bad", tiny_dataset, mlflow_server, budget={"num_samples": 2})
+    result = CliRunner().invoke(main, ["sweep", "run", str(bad)])
+    assert result.exit_code == 1 and "budget.num_samples" in result.output
+    assert not (tmp_path / "sweeps").exists()
+
+
+# ------------------------------------------------------------------------------- Ray Jobs auth
+class _Dashboard(http.server.BaseHTTPRequestHandler):
+    """Answers /api/jobs/ like a Ray dashboard with (401 without a bearer token) or without auth."""
+
+    token: str | None = None
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        auth = self.headers.get("Authorization")
+        ok = self.token is None or auth == f"Bearer {self.token}"
+        self.send_response(200 if ok else (403 if auth else 401))
+        self.end_headers()
+        self.wfile.write(b"[]")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def dashboard():
+    servers = []
+
+    def start(token):
+        handler = type("Handler", (_Dashboard,), {"token": token})
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def test_submit_refuses_clusters_without_token_auth_and_never_prints_the_token(dashboard, tmp_path, monkeypatch,
+                                                                               tiny_dataset):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    assert jobs.auth_token() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-home\n")
+    assert jobs.auth_token() == "from-home"
+    (tmp_path / "tok").write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert jobs.auth_token() == "from-path"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "s3cret-token")
+    assert jobs.auth_token() == "s3cret-token"  # Ray's order: env, path, home file
+
+    open_cluster, locked = dashboard(None), dashboard("s3cret-token")
+    assert not jobs.requires_token(open_cluster) and jobs.requires_token(locked)
+    file = sweep_file(tmp_path, "sub", tiny_dataset, "sqlite:///x.db")
+    result = CliRunner().invoke(main, ["sweep", "submit", str(file), "--address", open_cluster,
+                                       "--project-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "without authentication" in result.output and "--insecure" in result.output
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "wrong-token")
+    result = CliRunner().invoke(main, ["sweep", "submit", str(file), "--address", locked,
+                                       "--project-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "rejected the token" in result.output
+    assert "wrong-token" not in result.output
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+    (tmp_path / ".ray" / "auth_token").unlink()
+    with pytest.raises(jobs.JobError, match="requires a token"):
+        jobs.job_client(locked)
+    with pytest.raises(jobs.JobError, match="outside the project directory"):
+        jobs.entrypoint(file, tmp_path / "elsewhere")
+    assert jobs.entrypoint(file, tmp_path) == "capi sweep run sub.yaml"
+
+
+def test_a_local_ray_dashboard_requires_a_token(ray_local):
+    url = ray_local._private.worker.global_worker.node.address_info["webui_url"]
+    assert jobs.requires_token(f"http://{url}")
+
+
+# ------------------------------------------------------------------------------- end to end
+def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_local, mlflow_server, tiny_dataset,
+                                                                         tmp_path):
+    # train/target_entropy grows with the teacher temperature, so the ranking is known: 0.5 is the
+    # worst at the first rung (step 5) and ASHA stops it; the 0.03 trial must still start after that
+    # stop. 40 steps leave the stop time to land before the stopped trial would have finished anyway.
+    file = sweep_file(tmp_path, "e2e", tiny_dataset, mlflow_server, steps=40,
+                      search={"algorithm": "grid", "metric": "train/target_entropy", "mode": "min"},
+                      scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    result = CliRunner().invoke(main, ["sweep", "run", str(file)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "stopped early by the scheduler" in result.output
+    assert "mlflow" in result.output.lower() and "parent run" in result.output
+
+    client = mlflow_client(mlflow_server)
+    parent, children = runs_of(client, "sweep-e2e")
+    by_temp = {float(r.data.params["loss.teacher_temp"]): r for r in children}
+    assert sorted(by_temp) == [0.02, 0.03, 0.5]  # one child run per trial, nested under the parent
+    assert len({r.data.tags[TRIAL_TAG] for r in children}) == 3
+    assert all(r.info.status == "FINISHED" for r in children)
+    stopped = by_temp[0.5]
+    assert stopped.data.tags.get(STOPPED_TAG) == "true"
+    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "train/target_entropy")) < 40
+    assert by_temp[0.02].data.metrics["train/target_entropy"] < stopped.data.metrics["train/target_entropy"]
+    full = [r for r in children if STOPPED_TAG not in r.data.tags]
+    assert all(r.data.metrics["train/target_entropy"] >= 0 and "probe/knn_top1" in r.data.metrics for r in full)
+
+    # The parent's summary names the best finished trial and its value.
+    directory = sweep_dir(tmp_path / "sweeps", "e2e")
+    rows = {r["trial_id"]: r for r in json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())}
+    best_id = min((t for t in rows.values() if t["metric"] is not None), key=lambda t: t["metric"])["trial_id"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["capi.best_trial"] == best_id
+    best_run = client.get_run(parent.data.tags["capi.best_run_id"])
+    assert best_run.data.tags[TRIAL_TAG] == best_id
+    assert parent.data.metrics["best/train/target_entropy"] == pytest.approx(rows[best_id]["metric"])
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"sweep.yaml", "search_space.json",
+                                                                          "trials.json", "base_config.yaml"}
+    assert sorted(t["status"] for t in rows.values()).count("STOPPED") >= 1
+
+    # The best trial is exported and registered as champion.
+    export = directory / "export"
+    assert {p.name for p in export.iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    champion = client.get_model_version_by_alias("capi-e2e", "champion")
+    assert champion.run_id == json.loads((export / "config.json").read_text())["source"]["run_id"]
+
+    # status reads the same from storage, without Ray work.
+    status = CliRunner().invoke(main, ["sweep", "status", "e2e", "--storage", str(tmp_path / "sweeps")])
+    assert status.exit_code == 0, status.output
+    for trial_id in rows:
+        assert trial_id in status.output
+    assert "STOPPED" in status.output and "TERMINATED" in status.output
+
+    # The report shows every trial, in the page and the plots, and lands in the parent run.
+    report = CliRunner().invoke(main, ["sweep", "report", "e2e", "--storage", str(tmp_path / "sweeps"),
+                                       "--images", "16"], catch_exceptions=False)
+    assert report.exit_code == 0, report.output
+    page = (directory / "report" / "index.html").read_text()
+    assert all(trial_id in page for trial_id in rows)
+    for png in ("learning_curves.png", "metric_vs_loss_teacher_temp.png", "registers_vs_high_norm.png"):
+        assert (directory / "report" / png).stat().st_size > 1000 and png in page
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert "report/index.html" in logged and "report/learning_curves.png" in logged
+
+    # Running the same sweep again is refused: it exists, and resume is the way on.
+    again = CliRunner().invoke(main, ["sweep", "run", str(file)])
+    assert again.exit_code != 0 and "capi sweep resume e2e" in again.output
+
+
+def test_killed_driver_resumes_and_every_trial_trains_once(ray_local, mlflow_server, tiny_dataset, tmp_path):
+    file = sweep_file(tmp_path, "resume", tiny_dataset, mlflow_server)
+    address = ray_local.get_runtime_context().gcs_address
+    log = tmp_path / "driver.log"
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([str(Path(sys.executable).with_name("capi")), "sweep", "run", str(file),
+                                   "--address", address, "--no-export"],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                  cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 240
+        while "] finished" not in log.read_text():
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial finished in time:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # anything the driver left in its session
+        except ProcessLookupError:
+            pass
+    client = mlflow_client(mlflow_server)
+    _, before = runs_of(client, "sweep-resume")
+    finished = [r for r in before if r.info.status == "FINISHED"]
+    assert len(finished) == 1  # the kill came after the first trial, before the others finished
+
+    result = CliRunner().invoke(main, ["sweep", "resume", "resume", "--storage", str(tmp_path / "sweeps"),
+                                       "--no-export"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    parent, children = runs_of(client, "sweep-resume")
+    assert sorted(float(r.data.params["loss.teacher_temp"]) for r in children) == [0.02, 0.03, 0.5]
+    assert all(r.info.status == "FINISHED" for r in children)
+    for run in children:  # each trial reached its last step exactly once
+        final = [m for m in client.get_metric_history(run.info.run_id, "probe/knn_top1") if m.step == 10]
+        assert len(final) == 1, run.data.tags[TRIAL_TAG]
+    for run in finished:  # trained before the kill: not trained again
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/capi_loss")]
+        assert sorted(steps) == sorted(set(steps))
+    assert parent.info.status == "FINISHED" and "best/probe/knn_top1" in parent.data.metrics
+    status = CliRunner().invoke(main, ["sweep", "status", "resume", "--storage", str(tmp_path / "sweeps")])
+    assert status.output.count("TERMINATED") == 3, status.output
