@@ -147,7 +147,8 @@ def _train_standalone(config, track, resume) -> None:
     trainer = Trainer(config, callbacks, resume=run_dir if resume else None)
     if getattr(trainer, "resumed_from", None):
         click.echo(f"resuming from {trainer.resumed_from} (step {trainer.step})", err=True)
-    _echo_done(trainer.step, trainer.fit())
+    metrics = trainer.fit()
+    _echo_done(trainer.step, metrics)
     click.echo(f"checkpoints and metrics.jsonl in {run_dir}")
     if track is not None:
         click.echo(f"MLflow run {trainer.metadata.get('mlflow_run_id')}")

@@ -1,0 +1,375 @@
+"""MLflow tracking of CAPI runs: one MLflow run per training run, written by rank 0 only.
+
+A training run and its MLflow run stay paired across restarts: the MLflow run id is kept in the
+trainer's metadata, so every checkpoint carries it and a resumed run (after a worker failure, or the
+same command run again) appends to the same MLflow run instead of opening a new one.
+
+What is logged: the flattened config as params (values of secret-looking keys redacted), metrics in
+``log_batch`` calls under the trainer's own ``train/``, ``probe/`` and ``diag/`` names, system facts
+(devices, workers, library versions) as tags, and artifacts: the resolved ``config.yaml``,
+``checkpoint.txt`` with the final checkpoint's location (also the ``capi.checkpoint`` tag) and any
+evaluation pictures in the run directory.
+
+The store is MLflow's own choice unless told otherwise: ``--tracking-uri``, then
+``MLFLOW_TRACKING_URI``, then MLflow 3's default ``sqlite:///mlflow.db`` in the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from capi_core.checkpoint import STATE, list_checkpoints
+from capi_core.config import TrainConfig, flatten
+from capi_core.train import Callback, Trainer
+
+log = logging.getLogger(__name__)
+
+RUN_ID_KEY = "mlflow_run_id"  # key in Trainer.metadata, hence in every checkpoint's state.json
+PARENT_TAG = "mlflow.parentRunId"
+CHECKPOINT_TAG = "capi.checkpoint"
+REDACTED = "***"
+_SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
+# MLflow's per-call limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch.
+_MAX_PARAMS, _MAX_METRICS = 100, 1000
+_MAX_PARAM_CHARS = 6000
+_MAX_BUFFERED = 100_000  # metrics kept for retry while the server is unreachable; older ones are dropped
+_PICTURES = ("*.png", "*.jpg", "*.svg", "pictures/**/*.png", "pictures/**/*.jpg", "pictures/**/*.svg")
+
+
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be reached or used; the message names the URI and the cause."""
+
+
+class TrackingOptions(BaseModel):
+    """Where and under what a training run is tracked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(None, description="MLflow tracking URI; None: MLFLOW_TRACKING_URI or MLflow's default")
+    experiment: str = Field("capi", min_length=1, description="MLflow experiment, created when missing")
+    parent_run_id: str | None = Field(None, description="nest the run under this run (sweeps)")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra tags for the run")
+
+
+# ----------------------------------------------------------------------------------------- URIs
+def resolve_uri(uri: str | None = None) -> str:
+    """The tracking URI to use, with local stores made absolute.
+
+    ``uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db`` in the
+    working directory). Absolute, because Ray workers run in their own working directories.
+    """
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = unquote(uri[len("sqlite:///"):])
+        return uri if path in ("", ":memory:") else "sqlite:///" + str(Path(path).expanduser().absolute())
+    if parsed.scheme == "" or (parsed.scheme == "file" and not parsed.netloc):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return Path(path).expanduser().absolute().as_uri()
+    return uri
+
+
+def _safe_uri(uri: str) -> str:
+    """``uri`` without any user:password part, for messages."""
+    parsed = urlparse(uri)
+    if parsed.password is None and parsed.username is None:
+        return uri
+    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError unless the store at ``uri`` answers (HTTP) or can be written (local), quickly."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        url = _safe_uri(uri).rstrip("/") + "/health"  # /health needs no credentials
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
+                if response.status != 200:
+                    raise TrackingError(f"MLflow server {_safe_uri(uri)} answered /health with {response.status}")
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"MLflow server {_safe_uri(uri)} is not reachable ({reason}); start it, "
+                                f"or pass another --tracking-uri") from None
+    elif parsed.scheme in ("sqlite", "file"):
+        path = Path(unquote(uri[len("sqlite:///"):])) if parsed.scheme == "sqlite" else Path(unquote(parsed.path))
+        folder = path.parent if parsed.scheme == "sqlite" else path
+        while not folder.exists():  # the store may create missing folders below an existing one
+            folder = folder.parent
+        if not folder.is_dir() or not _writable(folder):
+            raise TrackingError(f"MLflow store {uri}: {folder} is not a writable directory")
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+# ------------------------------------------------------------------------------- params and tags
+def redact(values: dict[str, Any]) -> dict[str, Any]:
+    """Replace the values of keys that name a token, password or secret with ``***``."""
+    return {k: (REDACTED if _SECRET.search(k) else v) for k, v in values.items()}
+
+
+def config_params(config: TrainConfig) -> dict[str, str]:
+    """The flattened config as MLflow params: ``{"optim.lr": "0.001", ...}``, secrets redacted."""
+    params = {}
+    for key, value in redact(flatten(config)).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        params[key] = text[:_MAX_PARAM_CHARS]
+    return params
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return "absent"
+
+
+def system_tags(trainer: Trainer) -> dict[str, str]:
+    """Devices, worker count and library versions of the process group running ``trainer``."""
+    import torch
+
+    device = trainer.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+    return {
+        "sys.device": f"{device.type}: {name}",
+        "sys.workers": str(trainer.world_size),
+        "sys.host": platform.node(),
+        "sys.threads_per_worker": str(torch.get_num_threads()),
+        "sys.python": platform.python_version(),
+        **{f"sys.{p}": _version(p) for p in ("torch", "timm", "ray", "mlflow")},
+    }
+
+
+# ------------------------------------------------------------------------------------------ runs
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def _experiment_id(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException:  # created meanwhile by a concurrent run (sweep trials)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+    return exp.experiment_id
+
+
+def _existing_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def open_run(uri: str, config: TrainConfig, options: TrackingOptions, run_id: str | None = None) -> str:
+    """Reopen ``run_id`` (status back to RUNNING) if the store holds it, else create a run named
+    ``config.run.name`` in ``options.experiment``, nested under ``options.parent_run_id``. Returns its id."""
+    client = _client(uri)
+    if run_id and _existing_run(client, run_id) is not None:
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {**options.tags, "capi.run_name": config.run.name}
+    if options.parent_run_id:
+        tags[PARENT_TAG] = options.parent_run_id
+    run = client.create_run(_experiment_id(client, options.experiment), run_name=config.run.name,
+                            tags=redact(tags))
+    return run.info.run_id
+
+
+def log_config(uri: str, run_id: str, config: TrainConfig) -> None:
+    """Params for every config field not logged yet, plus ``config.yaml``.
+
+    MLflow params are immutable: on a resume with a changed field (e.g. more ``optim.steps``) the
+    new value goes to a ``resumed.<field>`` tag instead.
+    """
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    logged = client.get_run(run_id).data.params
+    params = config_params(config)
+    new = [Param(k, v) for k, v in params.items() if k not in logged]
+    changed = [RunTag(f"resumed.{k}", v) for k, v in params.items() if k in logged and logged[k] != v]
+    for i in range(0, len(new), _MAX_PARAMS):
+        client.log_batch(run_id, params=new[i:i + _MAX_PARAMS])
+    for i in range(0, len(changed), _MAX_PARAMS):
+        client.log_batch(run_id, tags=changed[i:i + _MAX_PARAMS])
+    client.log_dict(run_id, redact_nested(config.model_dump(mode="json")), "config.yaml")
+
+
+def redact_nested(values: dict[str, Any]) -> dict[str, Any]:
+    """``redact`` applied at every level of a nested dict."""
+    return {k: (REDACTED if _SECRET.search(k) else redact_nested(v) if isinstance(v, dict) else v)
+            for k, v in values.items()}
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    """Close a run as FINISHED, FAILED or KILLED; ``error`` is kept in the ``capi.error`` tag."""
+    client = _client(uri)
+    if error:
+        client.set_tag(run_id, "capi.error", error[:5000])
+    client.set_terminated(run_id, status)
+
+
+def run_id_in_checkpoints(run_dir: Path) -> str | None:
+    """The MLflow run id saved in the newest readable checkpoint under ``run_dir``, if any.
+
+    Newest readable: a checkpoint being copied when a worker died may be incomplete.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            run_id = json.loads((path / STATE).read_text()).get("metadata", {}).get(RUN_ID_KEY)
+        except (OSError, ValueError):
+            continue
+        if run_id:
+            return run_id
+    return None
+
+
+# ------------------------------------------------------------------------------------- callback
+class MlflowTracking(Callback):
+    """Trainer callback: logs one MLflow run from rank 0 (the other ranks do nothing).
+
+    ``run_id``: a run opened beforehand (by the Ray driver, so that a worker restart before the
+    first checkpoint does not open a second run); a run id saved in the resumed checkpoint wins.
+    ``config``: what to log as params (default: the trainer's). ``checkpoint_uri`` maps a checkpoint
+    written by the trainer to where it finally lives (Ray storage); default: its own path.
+    """
+
+    def __init__(self, uri: str, options: TrackingOptions | None = None, run_id: str | None = None,
+                 config: TrainConfig | None = None, checkpoint_uri: Callable[[Path], str] | None = None):
+        self.uri = uri
+        self.options = options or TrackingOptions()
+        self.run_id = run_id
+        self.config = config
+        self.checkpoint_uri = checkpoint_uri or (lambda path: str(Path(path).absolute()))
+        self.checkpoint: str | None = None  # where the latest checkpoint lives
+        self._buffer: list = []
+        self._warned = False
+        self._mlflow = None
+
+    @property
+    def client(self):
+        if self._mlflow is None:
+            self._mlflow = _client(self.uri)
+        return self._mlflow
+
+    def on_start(self, trainer: Trainer) -> None:
+        if not trainer.is_main:
+            return
+        saved = trainer.metadata.get(RUN_ID_KEY)
+        if saved and self.run_id and saved != self.run_id:
+            self._discard_if_empty(self.run_id)
+        config = self.config or trainer.config
+        self.run_id = open_run(self.uri, config, self.options, saved or self.run_id)
+        trainer.metadata[RUN_ID_KEY] = self.run_id
+        log_config(self.uri, self.run_id, config)
+        tags = system_tags(trainer)
+        if trainer.step:
+            tags["capi.resumed_at_step"] = str(trainer.step)
+        self.client.log_batch(self.run_id, tags=_tags(tags))
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if trainer.is_main:
+            self._add(step, metrics)
+            self._flush()
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path | None, metrics: dict[str, float]) -> None:
+        if trainer.is_main and path is not None:
+            self.checkpoint = self.checkpoint_uri(path)
+            self._flush()
+            self._try(lambda: self.client.set_tag(self.run_id, CHECKPOINT_TAG, self.checkpoint))
+
+    def on_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not trainer.is_main:
+            return
+        # train/* of the last step went out in on_log; the end adds the final probe and diagnostics.
+        self._add(step, {k: v for k, v in metrics.items() if not k.startswith("train/")})
+        self._flush()
+        if self.checkpoint:
+            self.client.log_text(self.run_id, self.checkpoint + "\n", "checkpoint.txt")
+        for picture in _pictures(trainer.run_dir):
+            self.client.log_artifact(self.run_id, str(picture), "pictures")
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    # -------------------------------------------------------------------------------- internals
+    def _add(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v))
+        del self._buffer[:-_MAX_BUFFERED]
+
+    def _flush(self) -> None:
+        while self._buffer:
+            chunk = self._buffer[:_MAX_METRICS]
+            if not self._try(lambda: self.client.log_batch(self.run_id, metrics=chunk)):
+                return  # kept for the next flush
+            del self._buffer[:len(chunk)]
+
+    def _try(self, call: Callable[[], Any]) -> bool:
+        """Tracking must not stop training: a failed call is warned about (once) and retried later."""
+        try:
+            call()
+            return True
+        except Exception as err:  # noqa: BLE001 - any store or network failure
+            if not self._warned:
+                log.warning("MLflow logging to %s failed (%s); training goes on, will retry", _safe_uri(self.uri), err)
+                self._warned = True
+            return False
+
+    def _discard_if_empty(self, run_id: str) -> None:
+        """Delete a run opened for this training that the resumed checkpoint's run supersedes."""
+        run = _existing_run(self.client, run_id)
+        if run is not None and not run.data.metrics:
+            self.client.delete_run(run_id)
+
+
+def _tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, v) for k, v in redact(tags).items()]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _pictures(run_dir: Path) -> Iterable[Path]:
+    seen: set[Path] = set()
+    for pattern in _PICTURES:
+        for path in sorted(Path(run_dir).glob(pattern)):
+            if path.is_file() and path not in seen:
+                seen.add(path)
+                yield path

@@ -1,0 +1,409 @@
+"""One CAPI training run as a Ray Train (V2) run: DDP workers, checkpoints in Ray storage, MLflow.
+
+Every worker runs capi_core's unchanged Trainer. Ray sets up torch.distributed (gloo on CPU,
+NCCL on GPU) before the worker function starts, so the Trainer sees an initialised process group:
+DDP gradients, rank-disjoint data shards and the all-reduced Sinkhorn-Knopp follow from that.
+
+Checkpoints: the Trainer writes them to a worker-local scratch directory; ``RayReport`` hands each
+to ``ray.train.report``, which copies it to ``<storage>/<run.name>/checkpoints/step-N`` and deletes
+the scratch copy; Ray keeps the newest ``run.keep_checkpoints``. With the default storage
+(``run.output_dir``) the run directory is laid out as a standalone run's (checkpoints/, metrics.jsonl),
+so ``capi eval`` and a standalone resume read it alike.
+
+Resume: a worker failure restarts the worker group (``max_failures`` times) from the latest
+reported checkpoint; the same command run again (same run.name and storage) resumes from it too.
+The MLflow run id travels in every checkpoint, so all of this lands in one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from capi_core.checkpoint import checkpoint_name, list_checkpoints
+from capi_core.config import TrainConfig
+from capi_core.train import Callback, Trainer
+from orchestrator.tracking import MlflowTracking, TrackingOptions
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A distributed run could not start or failed for good; the message says why."""
+
+
+class ScalingOptions(BaseModel):
+    """How one run spreads over a Ray cluster. Model and optimisation settings live in TrainConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(2, ge=1, description="Ray Train workers, one DDP rank each")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker; also its torch threads")
+    use_gpu: bool | None = Field(None, description="one GPU per worker; None: if run.device is cuda, or auto "
+                                                   "and the cluster has a GPU per worker")
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the latest checkpoint")
+    storage_path: str | None = Field(None, description="Ray Train storage: a local or shared path, or a "
+                                                       "pyarrow URI (s3://...); None: run.output_dir")
+
+
+@dataclass
+class TrainResult:
+    path: str  # the Ray run directory: <storage>/<run.name>
+    checkpoint: str | None  # the final checkpoint
+    metrics: dict[str, Any]  # rank 0's metrics reported with the final checkpoint
+    mlflow_run_id: str | None
+
+
+# --------------------------------------------------------------------------------- worker side
+class RayReport(Callback):
+    """Reports metrics at log steps and every checkpoint to Ray Train.
+
+    Every rank calls ``ray.train.report`` (it is a barrier); rank 0 passes the checkpoint, which Ray
+    copies to ``checkpoints/step-N`` in its storage and then deletes from the worker's scratch.
+
+    Ray's controller takes one report per poll (every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``), and a
+    report made before the previous one was taken blocks training until the next poll. So
+    metrics-only reports are spaced at least one poll interval apart, timed by rank 0 and broadcast
+    so that every rank agrees; probe results are always reported (sweep schedulers act on them).
+    Each report carries ``step``: schedulers should count steps, not reports.
+    """
+
+    def __init__(self):
+        from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+        self.min_interval_s = float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
+        self._last = -math.inf
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        if "probe/knn_top1" in metrics or self._due(trainer):
+            ray.train.report({"step": step, **metrics})
+            self._last = time.monotonic()
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path | None, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(path) if path is not None else None
+        ray.train.report({"step": step, **metrics}, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoints/{checkpoint_name(step)}",
+                         delete_local_checkpoint_after_upload=True)
+        self._last = time.monotonic()
+
+    def _due(self, trainer: Trainer) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        due = torch.tensor([time.monotonic() - self._last >= self.min_interval_s], dtype=torch.uint8,
+                           device=trainer.device)
+        if trainer.distributed:
+            dist.broadcast(due, src=0)
+        return bool(due.item())
+
+
+class MetricsFile(Callback):
+    """Appends rank 0's metrics to ``path`` (a run directory's metrics.jsonl) as JSON lines."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if trainer.is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    on_end = on_log
+
+
+class LogLines(Callback):
+    """Prints one progress line per log step on rank 0 (Ray forwards it to the driver's console)."""
+
+    def on_start(self, trainer: Trainer) -> None:
+        if trainer.is_main and trainer.step:
+            _say(f"resumed at step {trainer.step}/{trainer.config.optim.steps}")
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if trainer.is_main:
+            _say(progress_line(step, trainer.config.optim.steps, metrics))
+
+
+def _say(line: str) -> None:
+    # The real stdout: Ray Train's patched print would also log the line, and it would show twice.
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _quiet_report_logs() -> None:
+    """Ray Train 2.60 logs every report (metrics included) at INFO, under a logger named after its
+    file, which its LoggingConfig level misses; keep the console to rank 0's progress lines."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    reporter = getattr(context, "logger", None)
+    if isinstance(reporter, logging.Logger):
+        reporter.setLevel(logging.WARNING)
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """``step 40/2000  capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2%``"""
+    line = (f"step {step}/{total}  capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
+            f"  H(T) {metrics['train/target_entropy']:.2f}  {metrics['train/images_per_s']:.0f} img/s")
+    if "probe/knn_top1" in metrics:
+        line += f"  knn {metrics['probe/knn_top1']:.1f}%"
+    return line
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs: one rank of the CAPI Trainer.
+
+    ``loop`` holds the config (JSON), the run directory, whether to fall back to the run
+    directory's own checkpoints (a run started standalone), and the MLflow settings.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    from capi_core.data import resolve_dataset
+
+    _quiet_report_logs()
+    config = TrainConfig.model_validate(loop["config"])
+    ctx = ray.train.get_context()
+    if config.run.device == "cuda":
+        import torch
+        from ray.train.torch import get_device
+
+        torch.cuda.set_device(get_device())  # so the Trainer's "cuda" is this worker's GPU
+    # A built-in dataset is imported on first use: once per node, before the other ranks read it.
+    if ctx.get_local_rank() == 0:
+        resolve_dataset(config.data.dataset, config.data.cache_dir)
+    dist.barrier()
+
+    scratch = Path(tempfile.mkdtemp(prefix=f"capi-{config.run.name}-"))
+    try:
+        worker_config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": scratch})})
+        run_path = loop["run_path"]
+        callbacks: list[Callback] = [RayReport(), LogLines()]
+        if loop["local_run_dir"]:
+            callbacks.append(MetricsFile(Path(run_path) / METRICS_FILE))
+        if loop["tracking"] is not None:
+            t = loop["tracking"]
+            callbacks.append(MlflowTracking(
+                t["uri"], TrackingOptions.model_validate(t["options"]), run_id=t["run_id"], config=config,
+                checkpoint_uri=lambda p: f"{run_path}/checkpoints/{Path(p).name}"))
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as resume:
+                trainer = Trainer(worker_config, callbacks, resume=resume)
+        else:
+            trainer = Trainer(worker_config, callbacks, resume=loop["fallback_resume"])
+        if trainer.step >= config.optim.steps:
+            if trainer.is_main:
+                _say(f"run {config.run.name} is already complete (step {trainer.step})")
+            return
+        trainer.fit()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- driver side
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute: Ray workers run in their own working directories."""
+    data = config.data
+    updates: dict[str, Any] = {}
+    if Path(data.dataset).expanduser().exists():
+        updates["dataset"] = str(Path(data.dataset).expanduser().resolve())
+    if data.cache_dir is not None:
+        updates["cache_dir"] = data.cache_dir.expanduser().resolve()
+    return config.model_copy(update={
+        "data": data.model_copy(update=updates),
+        "run": config.run.model_copy(update={"output_dir": config.run.output_dir.expanduser().resolve()}),
+    })
+
+
+def run_path(config: TrainConfig, scaling: ScalingOptions) -> str:
+    """Where Ray Train keeps this run: ``<storage>/<run.name>``."""
+    storage = scaling.storage_path or str(config.run.output_dir.expanduser().resolve())
+    if "://" not in storage:
+        storage = str(Path(storage).expanduser().resolve())
+    return f"{storage.rstrip('/')}/{config.run.name}"
+
+
+def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri: str | None = None,
+                  tracking: TrackingOptions | None = None, mlflow_run_id: str | None = None,
+                  callbacks: list | None = None):
+    """A Ray Train V2 ``TorchTrainer`` for one CAPI run (not started).
+
+    ``config`` should hold absolute paths (``absolute_paths``). ``tracking_uri`` (resolved) turns on
+    MLflow logging from rank 0 into ``mlflow_run_id`` (opened beforehand) or a new run.
+    ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` in a sweep.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
+    run = config.run.model_copy(update={
+        "device": "cuda" if use_gpu else "cpu",
+        "threads": config.run.threads or max(1, int(scaling.cpus_per_worker)),
+    })
+    config = config.model_copy(update={"run": run})
+    path = run_path(config, scaling)
+    local = "://" not in path
+    fallback = path if local and not Path(path, SNAPSHOT).exists() and list_checkpoints(Path(path)) else None
+    loop = {
+        "config": config.model_dump(mode="json"),
+        "run_path": path,
+        "local_run_dir": local,
+        "fallback_resume": fallback,
+        "tracking": None if tracking_uri is None else {
+            "uri": tracking_uri, "options": (tracking or TrackingOptions()).model_dump(), "run_id": mlflow_run_id},
+    }
+    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=path.rsplit("/", 1)[0],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints),
+            # Finite limits everywhere: a run that cannot get its workers fails instead of waiting.
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=1),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line per failed rank (or the controller's error), without Ray's wrapping tracebacks."""
+    failures = getattr(err, "worker_failures", None)
+    if failures:
+        return "\n".join(f"rank {rank}: {_summary(e)}" for rank, e in sorted(failures.items()))
+    cause = getattr(err, "controller_failure", None)
+    return _summary(cause if cause is not None else err)
+
+
+def _summary(err: BaseException) -> str:
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
+def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, address: str | None = None,
+                    tracking: TrackingOptions | None = None, resume: bool = True) -> TrainResult:
+    """Run one CAPI training as a Ray Train run and wait for it.
+
+    ``address``: None starts (or reuses) a local Ray; ``auto`` or ``ray://HOST:PORT`` joins a
+    cluster, shipping ``capi_core`` and ``orchestrator`` to it. ``tracking``: MLflow settings, or
+    None for no MLflow. ``resume=False`` refuses to reuse a run directory that already has state.
+    Raises TrainingError (bad setup, or failed after ``max_failures`` restarts) before or after
+    training; the MLflow run is then marked FAILED.
+    """
+    import ray
+    from ray.train import TrainingFailedError
+
+    from orchestrator import tracking as track
+
+    scaling = scaling or ScalingOptions()
+    config = absolute_paths(config)
+    path = run_path(config, scaling)
+    local = "://" not in path
+    if local and not resume and (Path(path, SNAPSHOT).exists() or list_checkpoints(Path(path))):
+        raise TrainingError(f"{path} already holds a run; choose another run.name, remove it, or resume")
+
+    if address is None:
+        _check_dataset(config)  # the same machine: fail here, not in every worker restart
+    uri = run_id = None
+    if tracking is not None:
+        uri = track.resolve_uri(tracking.uri)
+        try:
+            track.check_reachable(uri)
+        except track.TrackingError as err:
+            raise TrainingError(str(err)) from None
+
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            ray.init()
+        else:
+            import capi_core
+            import orchestrator
+
+            modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
+            ray.init(address=address, runtime_env={"py_modules": modules})
+        started = True
+    try:
+        if scaling.use_gpu is None:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            use_gpu = config.run.device == "cuda" or (config.run.device == "auto" and gpus >= scaling.workers)
+            scaling = scaling.model_copy(update={"use_gpu": use_gpu})
+        _check_resources(scaling, strict=address is None)
+        # Opened here, so that a worker restart before the first checkpoint keeps the same run; on a
+        # resume the latest checkpoint names the run to continue. Remote storage is not read here:
+        # then rank 0 finds the run id in the checkpoint it resumes from, or opens the run itself.
+        if tracking is not None and (local or not resume):
+            saved = track.run_id_in_checkpoints(Path(path)) if resume else None
+            run_id = track.open_run(uri, config, tracking, saved)
+        trainer = build_trainer(config, scaling, tracking_uri=uri, tracking=tracking, mlflow_run_id=run_id)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as err:
+            message = describe_failure(err)
+            _end_run(uri, run_id, "FAILED", message)
+            raise TrainingError(f"training failed after {scaling.max_failures} restart(s):\n{message}") from None
+        except BaseException as err:  # interrupted, or Ray itself failed
+            _end_run(uri, run_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", repr(err))
+            raise
+        _end_run(uri, run_id, "FINISHED")  # rank 0 did, unless the run was already complete
+    finally:
+        if started:
+            ray.shutdown()
+    return TrainResult(path=path, checkpoint=result.checkpoint.path if result.checkpoint else None,
+                       metrics=dict(result.metrics or {}), mlflow_run_id=run_id)
+
+
+def _end_run(uri: str | None, run_id: str | None, status: str, error: str | None = None) -> None:
+    """Close the MLflow run; a tracking failure is reported, not raised over the training's outcome."""
+    from orchestrator.tracking import end_run
+
+    if run_id is None:
+        return
+    try:
+        end_run(uri, run_id, status, error)
+    except Exception as err:  # noqa: BLE001 - any store or network failure
+        print(f"warning: could not mark MLflow run {run_id} {status}: {err}", file=sys.stderr)
+
+
+def _check_dataset(config: TrainConfig) -> None:
+    from capi_core.data import resolve_dataset
+
+    try:
+        resolve_dataset(config.data.dataset, config.data.cache_dir)
+    except (ValueError, OSError) as err:
+        raise TrainingError(f"data.dataset: {err}") from None
+
+
+def _check_resources(scaling: ScalingOptions, strict: bool) -> None:
+    """Refuse a run the (local) cluster can never place, instead of letting Ray wait for it."""
+    import ray
+
+    have = ray.cluster_resources()
+    need = {"CPU": scaling.workers * scaling.cpus_per_worker, **({"GPU": scaling.workers} if scaling.use_gpu else {})}
+    short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}
+    if short:
+        text = ", ".join(f"{need:g} {k} (cluster has {got:g})" for k, (need, got) in short.items())
+        if strict:
+            raise TrainingError(f"{scaling.workers} workers need {text}; lower --workers or cpus per worker")
+        print(f"warning: {scaling.workers} workers need {text}; waiting for the cluster to scale up",
+              file=sys.stderr)
