@@ -20,7 +20,8 @@ def test_final_tokens_are_the_encoder_output_split_by_type(pos_embed):
     assert encoder.training  # mode restored
     with torch.no_grad():
         reference = encoder.eval()(x)  # [B, R + N, D]
-    assert torch.allclose(feats.final.registers, reference[:, :4]) and torch.allclose(feats.final.patches, reference[:, 4:])
+    assert torch.allclose(feats.final.registers, reference[:, :4])
+    assert torch.allclose(feats.final.patches, reference[:, 4:])
     assert feats.final.cls is None
     assert sorted(feats.layers) == [0, 1]
     assert torch.allclose(feats.layers[1].patches, reference[:, 4:], atol=1e-6)  # last block + final norm

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from capi_core.config import build_config
-from capi_core.eval.pictures import grid_shape, pca_figure, pca_rgb, write_pictures
+from capi_core.eval.features import grid_shape
+from capi_core.eval.pictures import pca_figure, pca_rgb, write_pictures
 from capi_core.models.encoder import Encoder
 
 
@@ -46,7 +47,8 @@ def test_pictures_are_valid_pngs(tmp_path):
         with Image.open(path) as im:
             im.verify()
             assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
-    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["attention.png", "norms.png", "pca.png"]  # no temp files
+    # No temporary files are left behind.
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["attention.png", "norms.png", "pca.png"]
 
 
 def test_pca_figure_writes_atomically_over_an_existing_file(tmp_path):

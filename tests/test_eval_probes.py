@@ -24,7 +24,7 @@ from capi_core.eval.probes import (
 FAST = ProbeProtocol(epochs=20, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")  # module scope: also covers the module-scoped fixtures
 def one_thread():
     """Probe heads here are tiny: one thread avoids OpenMP barrier stalls when the cores are shared."""
     threads = torch.get_num_threads()

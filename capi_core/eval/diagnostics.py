@@ -21,9 +21,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from capi_core.eval.features import Tokens, backbone, extract_features, final_tokens, frozen, prefix_layout
+from capi_core.eval.features import (
+    Tokens,
+    backbone,
+    extract_features,
+    final_tokens,
+    frozen,
+    grid_shape,
+    prefix_layout,
+)
 
 # ------------------------------------------------------------------------------- norms (R1, R2, R3)
+
+
+def quantiles(x: Tensor, qs: Sequence[float]) -> Tensor:
+    """Nearest-rank quantiles of any-size x (torch.quantile refuses more than 2^24 elements)."""
+    s = x.detach().float().flatten().sort().values
+    return s[(torch.tensor(qs) * (s.numel() - 1)).round().long()]
 
 
 def norm_quantiles(norms: Tensor) -> dict[str, float]:
@@ -31,17 +45,10 @@ def norm_quantiles(norms: Tensor) -> dict[str, float]:
     n = norms.detach().float().flatten()
     if n.numel() == 0:
         return {}
-    q = torch.quantile(n, torch.tensor([0.5, 0.9, 0.99, 0.999])) if n.numel() < 2**24 else _sample_quantiles(n)
+    q = quantiles(n, [0.5, 0.9, 0.99, 0.999])
     return {"q50": q[0].item(), "q90": q[1].item(), "q99": q[2].item(), "q99.9": q[3].item(),
             "max": n.max().item(), "max_over_median": (n.max() / q[0].clamp_min(1e-12)).item(),
             "mean": n.mean().item()}
-
-
-def _sample_quantiles(n: Tensor) -> Tensor:
-    # torch.quantile refuses inputs above 2^24 elements; sorting is exact and still cheap here.
-    s = n.sort().values
-    idx = (torch.tensor([0.5, 0.9, 0.99, 0.999]) * (s.numel() - 1)).round().long()
-    return s[idx]
 
 
 def valley_threshold(norms: Tensor, bin_width: float = 0.02, smooth_bins: float = 2.0,
@@ -50,7 +57,8 @@ def valley_threshold(norms: Tensor, bin_width: float = 0.02, smooth_bins: float 
     """τ at the valley between the main mode and a high-norm mode of the log-norm histogram, or None.
 
     The histogram of log n (bins of ``bin_width`` in log units, i.e. 2%) is smoothed with a Gaussian of
-    Silverman's bandwidth (robust IQR form, so outliers do not widen it) and at least ``smooth_bins`` bins. The main mode is the highest peak; the high-norm mode is the highest peak at
+    Silverman's bandwidth (robust IQR form, so outliers do not widen it) and at least ``smooth_bins``
+    bins. The main mode is the highest peak; the high-norm mode is the highest peak at
     least ``min_separation`` times larger in norm (outliers are ~10x the typical norm, spec §1.1; noise
     bumps on the flank of a unimodal histogram are much closer). τ is the centre of the valley between
     them. It counts as bimodal only if the valley is at most ``max_valley`` times the smaller peak and
@@ -64,7 +72,7 @@ def valley_threshold(norms: Tensor, bin_width: float = 0.02, smooth_bins: float 
         return None
     nbins = min(4096, math.ceil((hi - lo) / bin_width) + 1)
     hist = torch.histc(logn, bins=nbins, min=lo, max=hi)
-    q25, q75 = torch.quantile(logn[:2**24], torch.tensor([0.25, 0.75])).tolist()
+    q25, q75 = quantiles(logn, [0.25, 0.75]).tolist()
     sigma = max(smooth_bins, 0.9 * (q75 - q25) / 1.34 * logn.numel() ** -0.2 / bin_width)  # in bins
     radius = math.ceil(3 * sigma)
     kernel = torch.exp(-0.5 * (torch.arange(-radius, radius + 1) / sigma) ** 2)
@@ -280,7 +288,7 @@ def run_diagnostics(model: nn.Module, images: Tensor, mode: str = "valley", tau:
     last = feats.layers[max(feats.layers)]
     norms = last.norms()["patches"]  # [B, N]
     report = norm_report(norms, mode=mode, tau=tau, k=k)
-    grid = _grid(norms.shape[1])
+    grid = grid_shape(norms.shape[1], tuple(images.shape[-2:]))
     flows: dict[str, list[Tensor]] = {}
     with frozen(model) as device, attention_recorder(model) as maps:
         for start in range(0, images.shape[0], batch_size):
@@ -296,16 +304,10 @@ def run_diagnostics(model: nn.Module, images: Tensor, mode: str = "valley", tau:
             "layer": max(feats.layers),
             **{key: report[key] for key in ("mode", "tau", "bimodal", "count", "fraction", "images_with_outlier",
                                             "outliers_per_image", "quantiles")},
-            "position_frequency": (report["position_frequency"].view(*grid) if grid else
-                                   report["position_frequency"]).tolist(),
+            "position_frequency": report["position_frequency"].view(*grid).tolist(),  # [h, w]
         },
         "norms_by_type": norms_by_type(last),
         "layer_curves": layer_curves(feats.layers, mode=mode, tau=tau, k=k),
         # per layer: mean over images, heads and query tokens; entropies normalised (1 = uniform)
         "attention_flow": {name: torch.cat(values).mean(dim=0).tolist() for name, values in flows.items()},
     }
-
-
-def _grid(n: int) -> tuple[int, int] | None:
-    side = math.isqrt(n)
-    return (side, side) if side * side == n else None

@@ -12,6 +12,7 @@ spec capi.md §8.1). Intermediate layers come from timm ``forward_intermediates`
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,6 +62,16 @@ def split_tokens(x: Tensor, has_cls: bool, num_registers: int) -> Tokens:
     c = int(has_cls)
     return Tokens(patches=x[:, c + num_registers:], registers=x[:, c:c + num_registers],
                   cls=x[:, 0] if has_cls else None)
+
+
+def grid_shape(num_patches: int, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) patch grid of N patches for an image of (H, W) pixels (square patches)."""
+    H, W = image_hw
+    patch = math.sqrt(H * W / num_patches)
+    h, w = round(H / patch), round(W / patch)
+    if h * w != num_patches:
+        raise ValueError(f"{num_patches} patches do not tile a {H}x{W} image with square patches")
+    return h, w
 
 
 def _device(model: nn.Module) -> torch.device:

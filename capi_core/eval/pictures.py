@@ -7,7 +7,6 @@ and shown as RGB next to each input. Every writer returns the path it wrote; fil
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,17 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from capi_core.eval.diagnostics import attention_maps, attention_recorder
-from capi_core.eval.features import extract_features, final_tokens, frozen, prefix_layout
-
-
-def grid_shape(num_patches: int, image_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) patch grid of N patches for an image of (H, W) pixels (square patches)."""
-    H, W = image_hw
-    patch = math.sqrt(H * W / num_patches)
-    h, w = round(H / patch), round(W / patch)
-    if h * w != num_patches:
-        raise ValueError(f"{num_patches} patches do not tile a {H}x{W} image with square patches")
-    return h, w
+from capi_core.eval.features import extract_features, final_tokens, frozen, grid_shape, prefix_layout
 
 
 def pca_rgb(patches: Tensor, grid: tuple[int, int]) -> Tensor:
