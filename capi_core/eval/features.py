@@ -102,8 +102,8 @@ def final_tokens(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _batches(images: Tensor, batch_size: int):
-    if images.ndim != 4:
-        raise ValueError(f"expected images [N, C, H, W], got shape {tuple(images.shape)}")
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"expected a non-empty batch of images [N, C, H, W], got shape {tuple(images.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, images.shape[0], batch_size):
