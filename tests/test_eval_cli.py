@@ -50,7 +50,8 @@ def test_run_writes_json_pictures_and_a_table(checkpoint, tmp_path):
 
 
 def test_random_init_baseline_goes_to_its_own_directory(checkpoint):
-    result = invoke("run", checkpoint, "--probes", "knn", "--random-init", "--limit-train", "200")
+    # `capi eval CHECKPOINT` is the short form of `capi eval run CHECKPOINT`
+    result = invoke(checkpoint, "--probes", "knn", "--random-init", "--limit-train", "200")
     assert result.exit_code == 0, result.output
     report = json.loads((checkpoint / "eval-random-init" / "eval.json").read_text())
     assert report["random_init"] is True and report["train_images"] == 200

@@ -12,9 +12,23 @@ import click
 PROBE_CHOICES = ("knn", "linear", "attentive", "abmilp", "ep")  # "linear" = [cls] and mean-pooled
 
 
-@click.group(name="eval")
+class _DefaultRun(click.Group):
+    """``capi eval CHECKPOINT ...`` is short for ``capi eval run CHECKPOINT ...``."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+@click.group(name="eval", cls=_DefaultRun)
 def eval_() -> None:
-    """Evaluate a checkpoint's frozen features."""
+    """Evaluate a checkpoint's frozen features.
+
+    \b
+      capi eval CHECKPOINT [--probes ...] [--diagnostics] [--pictures]   (same as: capi eval run ...)
+      capi eval knn CHECKPOINT                                           (quick weighted k-NN)
+    """
 
 
 def _checkpoint_options(f):
