@@ -136,7 +136,7 @@ class LogLines(Callback):
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.is_main:
-            _say(progress_line(step, trainer.config.optim.steps, metrics))
+            _say(f"step {step}/{trainer.config.optim.steps}  {metrics_summary(metrics)}")
 
 
 def _say(line: str) -> None:
@@ -156,9 +156,9 @@ def _quiet_report_logs() -> None:
         reporter.setLevel(logging.WARNING)
 
 
-def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
-    """``step 40/2000  capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2%``"""
-    line = (f"step {step}/{total}  capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
+def metrics_summary(metrics: dict[str, float]) -> str:
+    """``capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2%`` for a progress line."""
+    line = (f"capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
             f"  H(T) {metrics['train/target_entropy']:.2f}  {metrics['train/images_per_s']:.0f} img/s")
     if "probe/knn_top1" in metrics:
         line += f"  knn {metrics['probe/knn_top1']:.1f}%"

@@ -114,10 +114,12 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _kill_one_worker() -> int:
+def _kill_one_worker(ray) -> int:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # This instance's address: other Ray instances may run on the same host.
+    actors = list_actors(address=ray.get_runtime_context().gcs_address,
+                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     pid = max(a.pid for a in actors)  # any rank will do
     os.kill(pid, signal.SIGKILL)
     return pid
@@ -174,7 +176,7 @@ def test_worker_kills_resume_from_checkpoints_into_one_mlflow_run(ray_local, mlf
     # Kill 1: once Ray has registered a checkpoint, and longer than the health-check interval later.
     first = _wait(lambda: _registered_step(run_dir), 120, "a first registered checkpoint")
     time.sleep(0.5)
-    _kill_one_worker()
+    _kill_one_worker(ray_local)
     run_id = mlflow.search_runs([mlflow.get_experiment_by_name("ray-e2e").experiment_id])[0].info.run_id
     resumed_at = int(_wait(lambda: mlflow.get_run(run_id).data.tags.get("capi.resumed_at_step"), 120,
                            "the restarted worker group to resume"))
@@ -182,7 +184,7 @@ def test_worker_kills_resume_from_checkpoints_into_one_mlflow_run(ray_local, mlf
     # Kill 2: the restart limit (1) is spent, so the run fails and says why.
     _wait(lambda: _registered_step(run_dir) > resumed_at, 120, "a checkpoint after the resume")
     time.sleep(0.5)
-    _kill_one_worker()
+    _kill_one_worker(ray_local)
     thread.join(120)
     assert not thread.is_alive()
     message = str(box["error"])

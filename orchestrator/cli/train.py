@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import sys
-import time
 
 import click
 
 
 def _progress_callback(total_steps: int):
     """A rich progress bar with the latest losses, as a trainer callback (rank 0 only)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from capi_core.train import Callback
-    from orchestrator.train import progress_line
+    from orchestrator.train import metrics_summary
 
     class ProgressBar(Callback):
         def on_start(self, trainer):
@@ -24,15 +24,14 @@ def _progress_callback(total_steps: int):
                                      transient=False, disable=not sys.stderr.isatty())
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=trainer.step, info="")
-            self.last = time.perf_counter()
 
         def on_log(self, trainer, step, metrics):
             if not trainer.is_main:
                 return
-            line = progress_line(step, total_steps, metrics)
-            self.progress.update(self.task, completed=step, info=line.split("  ", 1)[1])
+            summary = metrics_summary(metrics)
+            self.progress.update(self.task, completed=step, info=summary)
             if not sys.stderr.isatty():  # no live bar (CI, logs): print a line per log step instead
-                click.echo(line, err=True)
+                click.echo(f"step {step}/{total_steps}  {summary}", err=True)
 
         def on_end(self, trainer, step, metrics):
             if trainer.is_main:
