@@ -24,21 +24,20 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.sweep import jobs
-from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.tune import (
+    EXPLOITS_TAG,
     PROBE_EVALS,
     STOPPED_TAG,
     TRIAL_TAG,
-    SweepError,
     fitting_trials,
     is_probe_step,
     param_space,
     portable,
     probe_evals,
-    run_sweep,
     scheduler,
     sweep_dir,
 )
+from orchestrator.tracking import RUN_ID_KEY
 
 
 def sweep_file(tmp_path: Path, name: str, dataset: Path, uri: str, steps: int = 10, **sections) -> Path:
@@ -103,25 +102,11 @@ def test_search_space_scheduler_units_and_concurrency(tiny_dataset, tmp_path):
     assert Path(trial.data.dataset).is_absolute()
 
 
-def test_pbt_and_an_existing_sweep_are_refused_before_anything_starts(tiny_dataset, tmp_path, mlflow_server):
-    from orchestrator.sweep.spec import load_sweep
-
-    pbt = load_sweep(sweep_file(
-        tmp_path, "pbt", tiny_dataset, mlflow_server,
-        base={"preset": "cpu-tiny", "overrides": {"data.dataset": str(tiny_dataset), "optim.steps": 20,
-                                                  "probe.every": 5, "run.checkpoint_every": 5,
-                                                  "run.keep_checkpoints": 4}},
-        scheduler={"type": "pbt", "perturbation_interval": 1, "hyperparam_mutations": ["loss.teacher_temp"]},
-        search_space={"loss.teacher_temp": {"choice": [0.02, 0.05]}}, search={"algorithm": "random"},
-        budget={"num_samples": 2}))
-    with pytest.raises(SweepError, match="pbt is not supported"):
-        run_sweep(pbt)
-    assert not sweep_dir(pbt.storage, "pbt").exists()
-    # A bad file stops at validation: exit 1, the problem printed, no storage created.
+def test_a_bad_file_stops_at_validation(tiny_dataset, tmp_path, mlflow_server):
     bad = sweep_file(tmp_path, "bad", tiny_dataset, mlflow_server, budget={"num_samples": 2})
     result = CliRunner().invoke(main, ["sweep", "run", str(bad)])
     assert result.exit_code == 1 and "budget.num_samples" in result.output
-    assert not (tmp_path / "sweeps").exists()
+    assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
 
 
 # ------------------------------------------------------------------------------- Ray Jobs auth
@@ -203,8 +188,8 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
                                                                          tmp_path):
     # train/target_entropy grows with the teacher temperature, so the ranking is known: 0.5 is the
     # worst at the first rung (step 5) and ASHA stops it; the 0.03 trial must still start after that
-    # stop. 40 steps leave the stop time to land before the stopped trial would have finished anyway.
-    file = sweep_file(tmp_path, "e2e", tiny_dataset, mlflow_server, steps=40,
+    # stop. 30 steps leave the stop time to land before the stopped trial would have finished anyway.
+    file = sweep_file(tmp_path, "e2e", tiny_dataset, mlflow_server, steps=30,
                       search={"algorithm": "grid", "metric": "train/target_entropy", "mode": "min"},
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     result = CliRunner().invoke(main, ["sweep", "run", str(file)], catch_exceptions=False)
@@ -220,7 +205,7 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     assert all(r.info.status == "FINISHED" for r in children)
     stopped = by_temp[0.5]
     assert stopped.data.tags.get(STOPPED_TAG) == "true"
-    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "train/target_entropy")) < 40
+    assert max(m.step for m in client.get_metric_history(stopped.info.run_id, "train/target_entropy")) < 30
     assert by_temp[0.02].data.metrics["train/target_entropy"] < stopped.data.metrics["train/target_entropy"]
     full = [r for r in children if STOPPED_TAG not in r.data.tags]
     assert all(r.data.metrics["train/target_entropy"] >= 0 and "probe/knn_top1" in r.data.metrics for r in full)
@@ -311,3 +296,38 @@ def test_killed_driver_resumes_and_every_trial_trains_once(ray_local, mlflow_ser
     assert parent.info.status == "FINISHED" and "best/probe/knn_top1" in parent.data.metrics
     status = CliRunner().invoke(main, ["sweep", "status", "resume", "--storage", str(tmp_path / "sweeps")])
     assert status.output.count("TERMINATED") == 3, status.output
+
+
+def test_pbt_exploits_a_donor_checkpoint_into_a_new_train_run(ray_local, mlflow_server, tiny_dataset, tmp_path):
+    # 0.5 gives the higher target entropy, so its trial is the one in the lower quantile that copies
+    # the 0.02 trial's checkpoint (once that trial has a Tune checkpoint, from its second probe on).
+    file = sweep_file(tmp_path, "pbt", tiny_dataset, mlflow_server,
+                      base={"preset": "cpu-tiny", "overrides": {
+                          "data.dataset": str(tiny_dataset), "data.loader_workers": 0, "optim.steps": 15,
+                          "probe.every": 5, "run.checkpoint_every": 5, "run.keep_checkpoints": 3,
+                          "run.threads": 1}},
+                      search_space={"loss.teacher_temp": {"grid": [0.02, 0.5]}},
+                      search={"algorithm": "grid", "metric": "train/target_entropy", "mode": "min"},
+                      scheduler={"type": "pbt", "perturbation_interval": 1,
+                                 "hyperparam_mutations": ["loss.teacher_temp"]},
+                      budget={"max_concurrent_trials": 2})
+    result = CliRunner().invoke(main, ["sweep", "run", str(file), "--no-export"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+
+    client = mlflow_client(mlflow_server)
+    parent, children = runs_of(client, "sweep-pbt")
+    assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children)
+    exploited = [r for r in children if EXPLOITS_TAG in r.data.tags]
+    assert exploited, "no trial exploited a donor"
+    run = exploited[0]
+    trial_id = run.data.tags[TRIAL_TAG]
+    donor, step = json.loads(run.data.tags[EXPLOITS_TAG])[0].split("@")
+    assert donor != trial_id
+    trials = sweep_dir(tmp_path / "sweeps", "pbt") / "trials"
+    seeded = trials / f"pbt-{trial_id}-from-{donor}-{int(step.removeprefix('step-'))}"
+    final = seeded / "checkpoints" / "step-0000015"
+    state = json.loads((final / "state.json").read_text())
+    assert state["step"] == 15 and state["metadata"][RUN_ID_KEY] == run.info.run_id  # its own run, not the donor's
+    assert (trials / f"pbt-{donor}" / "checkpoints" / step).is_dir()  # the donor's copy was kept
+    status = CliRunner().invoke(main, ["sweep", "status", "pbt", "--storage", str(tmp_path / "sweeps")])
+    assert status.output.count("TERMINATED") == 2, status.output

@@ -20,8 +20,17 @@ best trial's metric as ``best/<metric>`` and its ids as tags) and one child run 
 ``mlflow.parentRunId`` and ``capi.trial_id``, logged by rank 0 (``orchestrator.tracking``). A child
 run is found again by its trial id, so retries and resumes append to it.
 
-Limits: storage must be a local or shared filesystem every node sees. PBT is not supported here: it
-needs Tune-level checkpoints that Train-in-Tune does not produce (spec §1.3); ``run_sweep`` refuses it.
+PBT needs Tune-level checkpoints, which Train-in-Tune does not produce (spec §1.3). Under PBT the
+trial function therefore reports to Tune itself: it runs the Train run in a thread, receives the
+probe reports through its own queue and reports each with a small Tune checkpoint that points at
+the Train checkpoint of that step. When PBT makes a trial exploit a donor, the trial starts a new
+Train run (``<sweep>-<trial>-from-<donor>-<step>``) seeded with a copy of the donor's checkpoint, in
+its own MLflow run (``capi.pbt_exploits`` lists the donors). Limits: every exploit restarts a Train
+worker group (seconds on a CPU, more with GPUs), Train checkpoints are copied per exploit, and donor
+checkpoints must outlive retention (the sweep file check demands ``run.keep_checkpoints`` large
+enough, spec §0.8).
+
+Limits: storage must be a local or shared filesystem every node sees.
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import math
 import os
 import shutil
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -50,6 +61,8 @@ ROLE_TAG = "capi.role"
 TRIAL_TAG = "capi.trial_id"
 SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every child run
 STOPPED_TAG = "capi.stopped_early"
+EXPLOITS_TAG = "capi.pbt_exploits"
+POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
 
 
 class SweepError(RuntimeError):
@@ -171,14 +184,18 @@ def searcher(spec: SweepSpec, max_concurrent: int):
 
 
 def scheduler(spec: SweepSpec):
-    """None (FIFO) or ASHA on search.metric, its time counted in probe evaluations."""
+    """None (FIFO), ASHA or PBT on search.metric, their times counted in probe evaluations."""
     sched = spec.scheduler
     if sched.type == "none":
         return None
     if sched.type == "pbt":
-        raise SweepError("scheduler pbt is not supported by capi sweep run: PBT copies Tune-level checkpoints, "
-                         "which a Ray Train run inside a Tune trial does not produce (ray_mlflow spec §1.3); "
-                         "use asha or none")
+        from ray.tune.schedulers import PopulationBasedTraining
+
+        # A mutation resamples from the dimension's distribution, or steps to a neighbouring value of a list.
+        mutations = {path: spec.search_space[path].args if spec.search_space[path].kind in ("grid", "choice")
+                     else tune_domain(spec.search_space[path]) for path in sched.hyperparam_mutations}
+        return PopulationBasedTraining(time_attr=PROBE_EVALS, perturbation_interval=sched.perturbation_interval,
+                                       hyperparam_mutations=mutations)
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr=PROBE_EVALS, max_t=sched.max_t or spec.reports_per_trial(),
@@ -192,6 +209,11 @@ def probe_evals(step: int, every: int) -> int:
 
 def is_probe_step(step: int, config: TrainConfig) -> bool:
     every = config.probe.every
+    return step == config.optim.steps or bool(every and step % every == 0)
+
+
+def is_checkpoint_step(step: int, config: TrainConfig) -> bool:
+    every = config.run.checkpoint_every
     return step == config.optim.steps or bool(every and step % every == 0)
 
 
@@ -210,21 +232,25 @@ def fitting_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
 
 # -------------------------------------------------------------------------------- inside a trial
 try:  # a Train callback class must exist at import time; Ray is an orchestrator dependency
-    from ray.tune.integration.ray_train import TuneReportCallback
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 except ImportError:  # pragma: no cover - only without ray[tune]
-    TuneReportCallback = object
+    TuneReportCallback, CHECKPOINT_PATH_KEY = object, "checkpoint_path"
 
 
 class ProbeReport(TuneReportCallback):
     """Forwards rank 0's reports at probe steps to Tune, once per step, with the probe count.
 
     Tune compares trials on these (the scheduler's rungs are probe evaluations); Train's other
-    reports (log steps, periodic checkpoints) stay in MLflow. Only reports that carry ``metric`` are
-    forwarded, as Tune requires the metric in every result.
+    reports (log steps) stay in MLflow. Only reports that carry ``metric`` are forwarded, as Tune
+    requires the metric in every result. At a step that also writes a checkpoint, the report that
+    carries it is the one forwarded, with its ``checkpoint_path``. ``sink``: a queue of the trial's
+    own instead of Tune's (PBT, where the trial function reports with Tune checkpoints itself).
     """
 
-    def __init__(self, metric: str, config: TrainConfig):
+    def __init__(self, metric: str, config: TrainConfig, sink=None):
         super().__init__()
+        if sink is not None:
+            self._training_actor_item_queue = sink
         self.metric = metric
         self.config = config
         self._last_step = -1
@@ -234,9 +260,13 @@ class ProbeReport(TuneReportCallback):
         step = int(report.get("step", -1))
         if self.metric not in report or step <= self._last_step or not is_probe_step(step, self.config):
             return
+        if checkpoint is None and is_checkpoint_step(step, self.config):
+            return  # the same step's checkpoint report follows
         self._last_step = step
-        self._training_actor_item_queue.put(
-            {**report, PROBE_EVALS: probe_evals(step, self.config.probe.every)})
+        item = {**report, PROBE_EVALS: probe_evals(step, self.config.probe.every)}
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self._training_actor_item_queue.put(item)
 
 
 @dataclass(frozen=True)
@@ -278,9 +308,13 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     config = trial_config(spec, params, trial_id)
     scaling = scaling_options(spec)
+    pbt = spec.scheduler.type == "pbt"
+    donor = None
+    if pbt:  # PBT may hand this trial a checkpoint: its own (a restart) or a donor's (an exploit)
+        config, donor = pbt_lineage(config, spec.name, trial_id, ray.tune.get_checkpoint())
     path = Path(run_path(config, scaling))
 
-    final = final_metrics(path, config)
+    final = final_metrics(path, config) if donor is None else None
     if final is not None:  # trained before the sweep was interrupted: report, do not train again
         ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
         return
@@ -291,15 +325,104 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
                                           SWEPT_TAG: json.dumps(list(spec.search_space))})
     known = child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
     run_id = track.open_run(state.tracking_uri, config, options, known)
-    trainer = build_trainer(config, scaling, tracking_uri=state.tracking_uri, tracking=options,
-                            mlflow_run_id=run_id, callbacks=[ProbeReport(spec.search.metric, config)])
+    if donor is not None:
+        seed_from_donor(donor, path, run_id, state.tracking_uri)
+        final = final_metrics(path, config)
+        if final is not None:  # exploited at the donor's last step: nothing left to train
+            ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
+            track.end_run(state.tracking_uri, run_id, "FINISHED")
+            return
     try:
-        trainer.fit()
+        if pbt:
+            fit_reporting_checkpoints(config, lambda callback: build_trainer(
+                config, scaling, tracking_uri=state.tracking_uri, tracking=options, mlflow_run_id=run_id,
+                callbacks=[callback]), spec.search.metric, trial_id)
+        else:
+            build_trainer(config, scaling, tracking_uri=state.tracking_uri, tracking=options, mlflow_run_id=run_id,
+                          callbacks=[ProbeReport(spec.search.metric, config)]).fit()
     except TrainingFailedError as err:
         message = describe_failure(err)
         track.end_run(state.tracking_uri, run_id, "FAILED", message)
         raise TrialError(f"trial {trial_id} failed:\n{message}") from None
     track.end_run(state.tracking_uri, run_id, "FINISHED")
+
+
+# ------------------------------------------------------------------------------------------ PBT
+def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> tuple[TrainConfig, dict | None]:
+    """The Train run a PBT trial continues, and the donor checkpoint to seed it with (or None).
+
+    ``checkpoint``: the trial's Tune checkpoint, a pointer to a Train checkpoint. Its own pointer
+    continues the run it names; a donor's (an exploit) names a new run, seeded from the donor.
+    """
+    if checkpoint is None:
+        return config, None
+    with checkpoint.as_directory() as directory:
+        pointer = json.loads((Path(directory) / POINTER).read_text())
+    if pointer["trial_id"] == trial_id:
+        name, donor = pointer["run_name"], None
+    else:
+        step = Path(pointer["checkpoint"]).name.removeprefix("step-").lstrip("0") or "0"
+        name, donor = f"{sweep}-{trial_id}-from-{pointer['trial_id']}-{step}", pointer
+    return config.model_copy(update={"run": config.run.model_copy(update={"name": name})}), donor
+
+
+def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str) -> None:
+    """Copy the donor's Train checkpoint into the new run directory, as this trial's (its MLflow run
+    id in the metadata), unless the run already started; record the exploit on the MLflow run."""
+    from capi_core.checkpoint import STATE, list_checkpoints
+    from orchestrator.tracking import RUN_ID_KEY
+    from orchestrator.train import SNAPSHOT
+
+    if (run_dir / SNAPSHOT).exists() or list_checkpoints(run_dir):
+        return  # a restart of this exploit: Train resumes the run itself
+    source = Path(donor["checkpoint"])
+    target = run_dir / "checkpoints" / source.name
+    tmp = target.with_name(f".{target.name}.seed")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    state = json.loads((tmp / STATE).read_text())
+    state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    os.replace(tmp, target)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exploits = json.loads(client.get_run(run_id).data.tags.get(EXPLOITS_TAG, "[]"))
+    client.set_tag(run_id, EXPLOITS_TAG, json.dumps(exploits + [f"{donor['trial_id']}@{source.name}"]))
+
+
+def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metric: str, trial_id: str) -> None:
+    """Run the Train run in a thread and report its probe results to Tune from this (the trial's)
+    thread, each with a Tune checkpoint that points at the Train checkpoint of that step."""
+    import ray.tune
+    from ray.util.queue import Queue
+
+    sink = Queue(actor_options={"num_cpus": 0})
+    trainer = make_trainer(ProbeReport(metric, config, sink=sink))
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # handed to the trial's thread
+            failure.append(err)
+        finally:
+            sink.put(None)
+
+    thread = threading.Thread(target=fit, name="capi-train", daemon=True)
+    thread.start()
+    while (item := sink.get()) is not None:
+        path = item.pop(CHECKPOINT_PATH_KEY, None)
+        if path is None:
+            ray.tune.report(item)
+            continue
+        with tempfile.TemporaryDirectory(prefix="capi-pointer-") as tmp:
+            pointer = {"trial_id": trial_id, "run_name": config.run.name, "checkpoint": path}
+            (Path(tmp) / POINTER).write_text(json.dumps(pointer))
+            ray.tune.report(item, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
