@@ -190,6 +190,8 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
     from orchestrator.sweep import jobs
 
     spec = _load(file)
+    for problem in jobs.portability_warnings(spec):
+        click.secho(f"warning: {problem}", fg="yellow", err=True)
     try:
         client = jobs.job_client(address, insecure=insecure)
         job_id = jobs.submit(client, spec.name, file, project_dir)
@@ -233,16 +235,27 @@ def _num(value) -> str:
 
 def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
-    from orchestrator.export import ExportError, export_best
+    from orchestrator.export import ExportError, export_best, export_run
+    from orchestrator.sweep.tune import child_run_id
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
     _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials)
-    state = outcome.state
-    if do_export and outcome.best is not None:
+    state, best, out = outcome.state, outcome.best, outcome.path / "export"
+    if outcome.unfinished:
+        click.secho(f"{len(outcome.unfinished)} trial(s) unfinished (interrupted or out of time): continue with "
+                    f"`capi sweep resume {outcome.name}`", fg="yellow")
+    if do_export and best is not None:
         try:
-            done = export_best(state.tracking_uri, state.parent_run_id, outcome.path / "export", outcome.metric,
-                               outcome.mode)
-            click.echo(f"exported the best trial to {done.out} (registered {done.model_name} v{done.version} "
+            try:  # the trial the table names as best ...
+                run_id = child_run_id(state, best.trial_id)
+                if run_id is None:
+                    raise ExportError(f"trial {best.trial_id} has no MLflow run")
+                done = export_run(state.tracking_uri, run_id, out, outcome.metric, outcome.mode)
+            except ExportError as err:  # ... or, if it was stopped before a checkpoint, the best one with one
+                click.echo(f"trial {best.trial_id} cannot be exported ({err}); exporting the best trial with a "
+                           f"checkpoint")
+                done = export_best(state.tracking_uri, state.parent_run_id, out, outcome.metric, outcome.mode)
+            click.echo(f"exported run {done.run_id} to {done.out} (registered {done.model_name} v{done.version} "
                        f"@champion)")
         except ExportError as err:
             click.secho(f"not exported: {err}", fg="yellow", err=True)

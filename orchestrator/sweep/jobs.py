@@ -98,6 +98,22 @@ def entrypoint(sweep_file: Path, project_dir: Path) -> str:
     return f"capi sweep run {shlex.quote(relative.as_posix())}"
 
 
+def portability_warnings(spec) -> list[str]:
+    """What in a sweep file would not survive running as a job: the job's working directory is a
+    copy that Ray deletes afterwards, so relative storage and a default local MLflow store vanish."""
+    out = []
+    if not Path(spec.storage).is_absolute():
+        out.append(f"storage {spec.storage} is relative: on the cluster it lands in the job's temporary copy of "
+                   f"the project; set storage to an absolute path on a filesystem the nodes share")
+    if spec.mlflow.tracking_uri is None:
+        out.append("mlflow.tracking_uri is not set: the job tracks into the cluster's MLFLOW_TRACKING_URI, or a "
+                   "local store in its temporary working directory; set it to your MLflow server")
+    elif "://" not in spec.mlflow.tracking_uri or spec.mlflow.tracking_uri.startswith(("sqlite:", "file:")):
+        out.append(f"mlflow.tracking_uri {spec.mlflow.tracking_uri} is a local store: nodes other than the head "
+                   f"cannot log to it; use an MLflow server")
+    return out
+
+
 def submit(client, sweep_name: str, sweep_file: Path, project_dir: Path) -> str:
     """Submit the sweep as a Ray job; returns the job's submission id."""
     submission_id = f"capi-sweep-{sweep_name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -3,8 +3,9 @@
 The Tune + Train V2 pattern (ray_mlflow spec §1.3): every trial is a Tune *function* that builds the
 trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``); a
 ``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
-scheduler see them. The trial function takes no CPU itself (it only waits); Train's workers hold the
-trial's resources, so ``max_concurrent_trials`` defaults to the number of trials the cluster holds.
+scheduler see them. The trial function itself takes a token 0.01 CPU (it only waits); Train's workers
+hold the trial's resources, so ``max_concurrent_trials`` defaults to the number of trials the cluster
+holds.
 
 Layout of ``<storage>/<name>/`` (the Tune experiment directory):
 
@@ -13,7 +14,8 @@ Layout of ``<storage>/<name>/`` (the Tune experiment directory):
 * ``capi_sweep.json``: the MLflow store, experiment and parent run id, so a resume reuses them;
 * ``sweep.json`` (the validated sweep, local paths made absolute) and ``sweep.yaml`` (as written);
 * ``trials/<name>-<trial id>/``: each trial's Ray Train run (checkpoints, metrics.jsonl). The name is
-  stable per trial, so a restarted trial resumes from its latest checkpoint instead of starting over.
+  stable per trial, so a restarted trial resumes from its latest checkpoint instead of starting over;
+  a trial that finished before an interruption reports its last checkpoint's metrics and trains no more.
 
 MLflow: a parent run per sweep (sweep.yaml and the resolved search space as artifacts; at the end the
 best trial's metric as ``best/<metric>`` and its ids as tags) and one child run per trial, tagged
@@ -24,8 +26,8 @@ PBT needs Tune-level checkpoints, which Train-in-Tune does not produce (spec §1
 trial function therefore reports to Tune itself: it runs the Train run in a thread, receives the
 probe reports through its own queue and reports each with a small Tune checkpoint that points at
 the Train checkpoint of that step. When PBT makes a trial exploit a donor, the trial starts a new
-Train run (``<sweep>-<trial>-from-<donor>-<step>``) seeded with a copy of the donor's checkpoint, in
-its own MLflow run (``capi.pbt_exploits`` lists the donors). Limits: every exploit restarts a Train
+Train run (``<sweep>-<trial>-from-<donor>-<step>``) seeded with a copy of the donor's checkpoint,
+logging on into the trial's child run (its ``capi.pbt_exploits`` tag lists the donors). Limits: every exploit restarts a Train
 worker group (seconds on a CPU, more with GPUs), Train checkpoints are copied per exploit, and donor
 checkpoints must outlive retention (the sweep file check demands ``run.keep_checkpoints`` large
 enough, spec §0.8).
@@ -63,6 +65,7 @@ SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every
 STOPPED_TAG = "capi.stopped_early"
 EXPLOITS_TAG = "capi.pbt_exploits"
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune statuses that `capi sweep resume` continues
 
 
 class SweepError(RuntimeError):
@@ -118,6 +121,11 @@ class SweepOutcome:
     @property
     def best(self) -> TrialRow | None:
         return best_trial(self.trials, self.mode)
+
+    @property
+    def unfinished(self) -> list[TrialRow]:
+        """Trials an interruption (Ctrl-C) or the time budget left pending, running or paused."""
+        return [r for r in self.trials if r.status in UNFINISHED]
 
 
 def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
@@ -275,7 +283,6 @@ class TrialSetup:
 
     spec: SweepSpec  # portable: absolute paths
     state: SweepState
-    directory: str
 
 
 class TrialError(RuntimeError):
@@ -485,7 +492,7 @@ class SweepProgress(_TuneCallback):
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
         early = last.get(PROBE_EVALS, 0) < self.reports
-        self._say(trial, "stopped early by the scheduler" if early else "finished")
+        self._say(trial, "stopped early (scheduler or time budget)" if early else "finished")
         run_id = _quiet(lambda: child_run_id(self.state, trial.trial_id))
         if early and run_id:
             _quiet(lambda: _close_stopped(self.state.tracking_uri, run_id))
@@ -516,10 +523,10 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _trainable(spec: SweepSpec, state: SweepState, directory: Path):
+def _trainable(spec: SweepSpec, state: SweepState):
     from ray import tune
 
-    setup = TrialSetup(spec=spec, state=state, directory=str(directory))
+    setup = TrialSetup(spec=spec, state=state)
     # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
     # an empty bundle, so it asks for a token hundredth of a CPU.
     return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": 0.01})
@@ -544,13 +551,13 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
     return True
 
 
-def _tracking(spec: SweepSpec) -> str:
-    from orchestrator import tracking as track
+def _reachable(uri: str) -> str:
+    """``uri`` if its MLflow store answers, else SweepError before any Ray work."""
+    from orchestrator.tracking import TrackingError, check_reachable
 
-    uri = track.resolve_uri(spec.mlflow.tracking_uri)
     try:
-        track.check_reachable(uri)
-    except track.TrackingError as err:
+        check_reachable(uri)
+    except TrackingError as err:
         raise SweepError(str(err)) from None
     return uri
 
@@ -595,12 +602,13 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
     import ray
     from ray import tune
 
+    from orchestrator.tracking import resolve_uri
+
     directory = sweep_dir(spec.storage, spec.name)
     if (directory / STATE_FILE).exists() or tune.Tuner.can_restore(str(directory)):
         raise SweepError(f"sweep {spec.name!r} already exists in {directory}; continue it with "
                          f"`capi sweep resume {spec.name}`, or remove that directory to start over")
-    scheduler(spec)  # refuse what cannot run before anything is created
-    uri = _tracking(spec)
+    uri = _reachable(resolve_uri(spec.mlflow.tracking_uri))
     if address is None:
         _check_dataset(spec.base_config)
     started = _init_ray(spec, address)
@@ -614,7 +622,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             shutil.copyfile(source, directory / YAML_FILE)
         max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
         tuner = tune.Tuner(
-            _trainable(run_spec, state, directory),
+            _trainable(run_spec, state),
             param_space=param_space(spec),
             tune_config=tune.TuneConfig(
                 metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
@@ -656,16 +664,11 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> 
     if not tune.Tuner.can_restore(str(directory)):
         raise SweepError(f"{directory} holds no Tune state to resume (the sweep stopped before its first "
                          f"trial); remove it and run the sweep again")
-    from orchestrator import tracking as track
-
-    try:
-        track.check_reachable(state.tracking_uri)
-    except track.TrackingError as err:
-        raise SweepError(str(err)) from None
+    _reachable(state.tracking_uri)
     started = _init_ray(spec, address)
     try:
         MlflowClient(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
-        tuner = tune.Tuner.restore(str(directory), _trainable(spec, state, directory),
+        tuner = tune.Tuner.restore(str(directory), _trainable(spec, state),
                                    resume_unfinished=True, resume_errored=True)
         return _fit(tuner, spec, state, directory)
     finally:
@@ -689,7 +692,8 @@ def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOut
 
 
 def log_summary(outcome: SweepOutcome) -> None:
-    """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED."""
+    """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED,
+    KILLED if trials are left to resume, or FAILED if every trial failed."""
     from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
@@ -711,7 +715,7 @@ def log_summary(outcome: SweepOutcome) -> None:
     client.log_batch(state.parent_run_id, metrics=metrics, tags=tags)
     client.log_dict(state.parent_run_id, [asdict(r) for r in outcome.trials], "trials.json")
     failed = bool(outcome.trials) and all(r.status == "ERROR" for r in outcome.trials)
-    client.set_terminated(state.parent_run_id, "FAILED" if failed else "FINISHED")
+    client.set_terminated(state.parent_run_id, "FAILED" if failed else "KILLED" if outcome.unfinished else "FINISHED")
 
 
 # ------------------------------------------------------------------------------ reading storage
