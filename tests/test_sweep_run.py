@@ -111,6 +111,29 @@ def test_a_bad_file_stops_at_validation(tiny_dataset, tmp_path, mlflow_server):
     assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
 
 
+def test_optuna_searcher_samples_the_sweep_space_under_its_names(ray_local, tiny_dataset, tmp_path):
+    from ray import tune
+
+    from orchestrator.sweep.spec import load_sweep
+    from orchestrator.sweep.tune import searcher
+
+    spec = load_sweep(sweep_file(tmp_path, "opt", tiny_dataset, "sqlite:///x.db", search={"algorithm": "optuna"},
+                                 search_space={"loss.teacher_temp": {"loguniform": [0.01, 0.1]},
+                                               "model.registers": {"choice": [0, 4]}},
+                                 budget={"num_samples": 3, "max_concurrent_trials": 2}))
+
+    def trial(config):  # stands in for run_trial: the metric is a known function of the values
+        tune.report({spec.search.metric: config["loss.teacher_temp"] * 100 + config["model.registers"]})
+
+    grid = tune.Tuner(trial, param_space=param_space(spec), tune_config=tune.TuneConfig(
+        metric=spec.search.metric, mode="max", num_samples=spec.repeats(), search_alg=searcher(spec, 2)),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "optuna"), verbose=0)).fit()
+    configs = [r.config for r in grid]
+    assert len(configs) == 3 and all(set(c) == {"loss.teacher_temp", "model.registers"} for c in configs)
+    assert all(0.01 <= c["loss.teacher_temp"] <= 0.1 and c["model.registers"] in (0, 4) for c in configs)
+    spec.trial_config(configs[0])  # the values are valid TrainConfig fields
+
+
 # ------------------------------------------------------------------------------- Ray Jobs auth
 class _Dashboard(http.server.BaseHTTPRequestHandler):
     """Answers /api/jobs/ like a Ray dashboard with (401 without a bearer token) or without auth."""

@@ -226,10 +226,12 @@ def is_checkpoint_step(step: int, config: TrainConfig) -> bool:
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What one trial's Train workers hold. A GPU worker holds a whole GPU: that is what
+    ``orchestrator.train.build_trainer`` asks Ray for, whatever fraction the sweep file names."""
     res = spec.resources
     need = {"CPU": res.workers * res.cpus_per_worker}
     if res.gpus_per_worker:
-        need["GPU"] = res.workers * res.gpus_per_worker
+        need["GPU"] = res.workers * math.ceil(res.gpus_per_worker)
     return need
 
 
@@ -486,8 +488,9 @@ class SweepProgress(_TuneCallback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
+        shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
         self._say(trial, f"probe {result.get(PROBE_EVALS, '?')}/{self.reports} at step {result.get('step', '?')}: "
-                         f"{self.metric} {value:.4g}" if isinstance(value, (int, float)) else "reported")
+                         f"{self.metric} {shown}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         last = trial.last_result or {}
