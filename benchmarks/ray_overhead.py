@@ -8,7 +8,7 @@ process, then on a local Ray with 1 worker holding every CPU, and with 2 workers
 trainer's own rate, averaged over the log intervals after the first). Ray's own start-up
 (``ray.init``) is timed separately. No MLflow: this isolates Ray. Usage::
 
-    python benchmarks/ray_overhead.py [--steps 60] [--log-every 20] [--dataset fashion-mnist]
+    python benchmarks/ray_overhead.py [--steps 60] [--log-every 5] [--dataset fashion-mnist]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> dict[str, float]:
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--dataset", default="fashion-mnist")
     parser.add_argument("--steps", type=int, default=60, help="optimiser steps per run (cpu-demo has 2000)")
-    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--log-every", type=int, default=5, help="also where start-up ends: the first log step")
     args = parser.parse_args()
 
     import ray
