@@ -154,9 +154,3 @@ def test_checkpoint_from_another_architecture_is_refused(tiny_dataset, tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="does not match"):
         ckpt.load_encoder(path)
 
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory):
-    from synthetic import make_dataset
-
-    return make_dataset(tmp_path_factory.mktemp("data"))
