@@ -324,7 +324,10 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     path = Path(run_path(config, scaling))
 
     final = final_metrics(path, config) if donor is None else None
-    if final is not None:  # trained before the sweep was interrupted: report, do not train again
+    if final is not None:  # trained before an interruption (or a PBT pause): report, do not train again
+        run_id = child_run_id(state, trial_id)
+        if run_id:  # the interruption may have come before rank 0 closed the run
+            close_run(state.tracking_uri, run_id)
         ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
         return
 
@@ -498,18 +501,20 @@ class SweepProgress(_TuneCallback):
         self._say(trial, "stopped early (scheduler or time budget)" if early else "finished")
         run_id = _quiet(lambda: child_run_id(self.state, trial.trial_id))
         if early and run_id:
-            _quiet(lambda: _close_stopped(self.state.tracking_uri, run_id))
+            _quiet(lambda: close_run(self.state.tracking_uri, run_id, stopped_early=True))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(trial, f"failed; see {trial.path}/error.txt")
 
 
-def _close_stopped(uri: str, run_id: str) -> None:
+def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
+    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     if client.get_run(run_id).info.status == "RUNNING":
-        client.set_tag(run_id, STOPPED_TAG, "true")
+        if stopped_early:
+            client.set_tag(run_id, STOPPED_TAG, "true")
         client.set_terminated(run_id, "FINISHED")
 
 
@@ -541,10 +546,14 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # A Ray job (`capi sweep submit`) runs this with RAY_ADDRESS set: join that cluster, since Ray
+    # refuses num_cpus when it connects to one.
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         per_trial = trial_resources(spec)["CPU"]
         cpus = max(os.cpu_count() or 1, math.ceil(per_trial * (spec.budget.max_concurrent_trials or 1)))
-        ray.init(num_cpus=cpus, include_dashboard=True)  # the dashboard frees stopped trials' PGs (§0.2)
+        # The dashboard frees stopped trials' PGs (§0.2); on loopback, as its Jobs API runs any code.
+        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     else:
         import capi_core
         import orchestrator
