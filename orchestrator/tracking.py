@@ -37,6 +37,10 @@ from capi_core.config import TrainConfig, flatten
 from capi_core.train import Callback, Trainer
 
 log = logging.getLogger(__name__)
+# MLflow prints "View run ... at: <tracking URI>" whenever a run ends, with any user:password in the
+# URI, into every log that carries the process's stdout (Ray jobs, Train workers). Our CLI prints
+# its own links, without credentials. Set here, so that every process that tracks gets it.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 RUN_ID_KEY = "mlflow_run_id"  # key in Trainer.metadata, hence in every checkpoint's state.json
 PARENT_TAG = "mlflow.parentRunId"
