@@ -335,7 +335,7 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
     started = False
     if not ray.is_initialized():
         if address is None:
-            ray.init()
+            ray.init(dashboard_host="127.0.0.1")  # its Jobs API runs any code: keep it off the network
         else:
             import capi_core
             import orchestrator
