@@ -247,7 +247,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margi
 <body><h1>Sweep {e(spec.name)}</h1>
 <p>{len(trials)} trials, {e(spec.search.algorithm)} search for the {e(spec.search.mode)} of
 {e(spec.search.metric)}, scheduler {e(spec.scheduler.type)}. {summary}.</p>
-<p>MLflow: {e(_safe_uri(state.tracking_uri))}, experiment {e(state.experiment)}, parent run {e(state.parent_run_id)}.</p>
+<p>MLflow: {e(_safe_uri(state.tracking_uri))}, experiment {e(state.experiment)},
+parent run {e(state.parent_run_id)}.</p>
 <h2>Trials</h2>
 <table><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>
 {chr(10).join(rows)}
