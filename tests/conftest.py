@@ -96,7 +96,7 @@ def ray_local():
         "HOME": str(root / "home"),
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
-        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "90",
     }
     (root / "home").mkdir()
     with pytest.MonkeyPatch.context() as mp:
