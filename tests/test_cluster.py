@@ -39,7 +39,7 @@ def cluster(mlflow_server):
     uri = mlflow_server.replace("http://", f"http://capi-sweeps:{password}@", 1)
     env = node_env(root / "home", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
                    MLFLOW_TRACKING_URI=uri, RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.2",
-                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="60")
+                   RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="90")
     nodes = RayNodes(root, env)
     try:
         nodes.start_head(num_cpus=1)
