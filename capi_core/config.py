@@ -287,7 +287,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         keys = [k for k in path.strip().split(".") if k]
         if not keys:
             raise ConfigError(f"override {item!r} names no field")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r} has a value that is not plain YAML: {err}") from None
         node = out
         for key in keys[:-1]:
             node = node.setdefault(key, {})

@@ -48,6 +48,11 @@ def test_override_syntax_error():
         parse_overrides(["optim.lr"])
 
 
+def test_override_with_a_python_yaml_tag_is_refused():
+    with pytest.raises(ConfigError, match="not plain YAML"):
+        parse_overrides(["run.name=!!python/object/apply:os.system ['true']"])
+
+
 def test_load_config_file_with_preset_and_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("preset: cpu-tiny\noptim:\n  steps: 7\n")
