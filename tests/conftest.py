@@ -19,6 +19,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_ray_auth_token():
+    """Each test module starts its Ray under its own temporary HOME, but Ray caches the auth token
+    process-wide: without a reset, a later module's ``ray.init`` finds the earlier token cached,
+    writes none under the new HOME, and its GCS aborts for want of one."""
+    yield
+    if "ray" in sys.modules:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 16x16 grey two-split dataset (512 train, 128 test) imported through the real IDX importer."""
