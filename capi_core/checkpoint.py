@@ -7,6 +7,7 @@ hyperparameters, caller metadata such as the MLflow run id). Nothing is ever unp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,18 +34,16 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
 
 
-def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write ``directory`` atomically: build it under a temporary name, then rename it into place."""
+@contextlib.contextmanager
+def atomic_directory(directory: Path):
+    """Yield a temporary sibling of ``directory`` to fill; on success it replaces ``directory`` by
+    rename, on error it is removed, so readers never see a half-written directory."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        with open(tmp / STATE, "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        if directory.exists():  # re-saving the same step: swap, then drop the old copy
+        yield tmp
+        if directory.exists():  # replacing: swap, then drop the old copy
             old = directory.with_name(f".{directory.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             directory.rename(old)
@@ -55,7 +54,17 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: di
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return directory
+
+
+def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write ``directory`` atomically: build it under a temporary name, then rename it into place."""
+    with atomic_directory(directory) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        with open(tmp / STATE, "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(directory)
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from capi_core.checkpoint import atomic_directory
 from capi_core.config import TrainConfig, flatten
 
 WEIGHTS = "model.safetensors"
@@ -75,24 +76,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[
     cfg = export_config(encoder, config, provenance)
 
     out = Path(out).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         weights = {k: v.detach().contiguous().cpu() for k, v in encoder.vit.state_dict().items()}
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
         (tmp / CARD).write_text(model_card(cfg, config))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
