@@ -65,6 +65,7 @@ SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every
 STOPPED_TAG = "capi.stopped_early"
 EXPLOITS_TAG = "capi.pbt_exploits"
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
+TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune statuses that `capi sweep resume` continues
 
 
@@ -537,7 +538,7 @@ def _trainable(spec: SweepSpec, state: SweepState):
     setup = TrialSetup(spec=spec, state=state)
     # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
     # an empty bundle, so it asks for a token hundredth of a CPU.
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_FN_CPU})
 
 
 def _init_ray(spec: SweepSpec, address: str | None) -> bool:
@@ -551,7 +552,10 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
         per_trial = trial_resources(spec)["CPU"]
-        cpus = max(os.cpu_count() or 1, math.ceil(per_trial * (spec.budget.max_concurrent_trials or 1)))
+        # The trial functions' token CPUs must fit beside their workers: on 2 cores, two 1-CPU trials
+        # need 2.02 logical CPUs, and with only 2 the second trial's workers never start.
+        concurrent = spec.budget.max_concurrent_trials or 1
+        cpus = max(os.cpu_count() or 1, math.ceil((per_trial + TRIAL_FN_CPU) * concurrent))
         # The dashboard frees stopped trials' PGs (§0.2); on loopback, as its Jobs API runs any code.
         ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     else:
