@@ -284,9 +284,6 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     assert again.exit_code != 0 and "capi sweep resume e2e" in again.output
 
 
-@pytest.mark.xfail(strict=False, reason="known bug (issue 6 note): after `capi sweep resume` every trial trains "
-                   "exactly once and its child run ends FINISHED, but the parent run is closed KILLED because "
-                   "trial_rows still reports a trial as unfinished")
 def test_killed_driver_resumes_and_every_trial_trains_once(ray_local, mlflow_server, tiny_dataset, tmp_path):
     file = sweep_file(tmp_path, "resume", tiny_dataset, mlflow_server)
     address = ray_local.get_runtime_context().gcs_address

@@ -398,3 +398,36 @@ def test_validation_does_not_import_ray():
     code = ("import sys; from orchestrator.sweep.spec import load_sweep; load_sweep('sweeps/quickstart.yaml'); "
             "assert 'ray' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_trial_rows_read_the_newest_tune_session(tmp_path):
+    """After a resume, Tune's final sync rewrites the killed session's stale state file last, and a
+    restored trial may log into a new directory: statuses and results must come from the newest
+    session's file (by its name) and the directory it names (the bug fixed in issue 6)."""
+    import json
+
+    from orchestrator.sweep.tune import trial_rows
+
+    spec = load_sweep(Path("sweeps/quickstart.yaml"))
+    metric = spec.search.metric
+
+    def state(name, trials):
+        data = {"trial_data": [[json.dumps({"trial_id": t, "status": s, "relative_logdir": d}), "{}"]
+                               for t, s, d in trials]}
+        (tmp_path / f"experiment_state-{name}.json").write_text(json.dumps(data))
+
+    def results(logdir, values):
+        (tmp_path / logdir).mkdir()
+        lines = [json.dumps({metric: v, "step": i, "probe_evals": spec.reports_per_trial()}) for i, v in
+                 enumerate(values, 1)]
+        (tmp_path / logdir / "result.json").write_text("\n".join(lines))
+
+    results("trial_a_0", [40.0, 50.0])
+    (tmp_path / "trial_a_1").mkdir()  # the restored trial's abandoned directory
+    results("trial_a_1_x1", [45.0])
+    state("2026-01-01_10-00-01", [("a_0", "TERMINATED", "trial_a_0"), ("a_1", "TERMINATED", "trial_a_1_x1")])
+    state("2026-01-01_09-59-00", [("a_0", "RUNNING", "trial_a_0"), ("a_1", "PENDING", "trial_a_1")])  # touched last
+    rows = {r.trial_id: r for r in trial_rows(tmp_path, spec)}
+    assert set(rows) == {"a_0", "a_1"}
+    assert [rows[t].status for t in ("a_0", "a_1")] == ["TERMINATED", "TERMINATED"]
+    assert rows["a_1"].metric == 45.0 and rows["a_0"].metric == (50.0 if spec.search.mode == "max" else 40.0)

@@ -737,15 +737,22 @@ def log_summary(outcome: SweepOutcome) -> None:
 # ------------------------------------------------------------------------------ reading storage
 def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
     """Every trial of a sweep directory, read from Tune's JSON files (nothing is unpickled)."""
-    statuses = _trial_statuses(directory)
-    rows = []
-    for trial_dir in sorted(p for p in Path(directory).glob("trial_*") if p.is_dir()):
+    directory = Path(directory)
+    states = _trial_states(directory)
+    trial_dirs = {trial_id: directory / logdir for trial_id, (_, logdir) in states.items()}
+    claimed = set(trial_dirs.values())
+    # Trials Tune has not yet written to its state file (a sweep just starting): found by directory name.
+    for trial_dir in sorted(p for p in directory.glob("trial_*") if p.is_dir()):
         trial_id = trial_dir.name.removeprefix("trial_")
+        if trial_id not in trial_dirs and trial_dir not in claimed:
+            trial_dirs[trial_id] = trial_dir
+    rows = []
+    for trial_id, trial_dir in sorted(trial_dirs.items()):
         params = _read_json(trial_dir / "params.json") or {}
         results = _read_results(trial_dir / "result.json")
         values = [r[spec.search.metric] for r in results if isinstance(r.get(spec.search.metric), (int, float))]
         pick = max if spec.search.mode == "max" else min
-        status = statuses.get(trial_id, "PENDING" if not results else "TERMINATED")
+        status = states[trial_id][0] if trial_id in states else "PENDING" if not results else "TERMINATED"
         evals = int(results[-1].get(PROBE_EVALS, 0)) if results else 0
         if status == "TERMINATED" and evals < spec.reports_per_trial():
             status = "STOPPED"
@@ -756,14 +763,17 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
                              metric=pick(values) if values else None, last=values[-1] if values else None,
                              probe_evals=evals, step=results[-1].get("step") if results else None,
                              error=error[0] if error else None))
-    known = {r.trial_id for r in rows}
-    rows += [TrialRow(t, s, {}, None, None, 0, None) for t, s in statuses.items() if t not in known]
     return rows
 
 
-def _trial_statuses(directory: Path) -> dict[str, str]:
-    """trial id -> Tune status from the newest experiment state file (its plain JSON fields only)."""
-    states = sorted(Path(directory).glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+def _trial_states(directory: Path) -> dict[str, tuple[str, str]]:
+    """trial id -> (Tune status, trial directory relative to the sweep) from the newest experiment state.
+
+    Newest by the session timestamp in the file name, not by mtime: Tune's final sync rewrites every
+    session's file, so an older session's stale file can be the last one touched. The directory comes
+    from the state because a restored trial may log into a new one (``trial_<id>_<suffix>``).
+    """
+    states = sorted(directory.glob("experiment_state-*.json"), key=lambda p: p.name)
     if not states:
         return {}
     data = _read_json(states[-1]) or {}
@@ -773,7 +783,8 @@ def _trial_statuses(directory: Path) -> dict[str, str]:
         if isinstance(trial, str):
             trial = json.loads(trial)
         if isinstance(trial, dict) and "trial_id" in trial:
-            out[trial["trial_id"]] = trial.get("status", "UNKNOWN")
+            logdir = trial.get("relative_logdir") or f"trial_{trial['trial_id']}"
+            out[trial["trial_id"]] = (trial.get("status", "UNKNOWN"), logdir)
     return out
 
 
