@@ -323,7 +323,7 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
         raise TrainingError(f"{path} already holds a run; choose another run.name, remove it, or resume")
 
     if address is None:
-        _check_dataset(config)  # the same machine: fail here, not in every worker restart
+        check_dataset(config)  # the same machine: fail here, not in every worker restart
     uri = run_id = None
     if tracking is not None:
         uri = track.resolve_uri(tracking.uri)
@@ -385,7 +385,8 @@ def _end_run(uri: str | None, run_id: str | None, status: str, error: str | None
         print(f"warning: could not mark MLflow run {run_id} {status}: {err}", file=sys.stderr)
 
 
-def _check_dataset(config: TrainConfig) -> None:
+def check_dataset(config: TrainConfig) -> None:
+    """TrainingError naming ``data.dataset`` when the run's dataset is missing or unreadable here."""
     from capi_core.data import resolve_dataset
 
     try:

@@ -431,3 +431,16 @@ def test_trial_rows_read_the_newest_tune_session(tmp_path):
     assert set(rows) == {"a_0", "a_1"}
     assert [rows[t].status for t in ("a_0", "a_1")] == ["TERMINATED", "TERMINATED"]
     assert rows["a_1"].metric == 45.0 and rows["a_0"].metric == (50.0 if spec.search.mode == "max" else 40.0)
+
+
+def test_missing_dataset_stops_a_local_sweep_before_ray(tmp_path, monkeypatch):
+    """The base run's dataset is checked on this machine before a local Ray starts; nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "no-such-dataset"
+    file = write(tmp_path, MINIMAL.replace("overrides: {probe.every: 5}",
+                                           f"overrides: {{probe.every: 5, data.dataset: '{missing}'}}") +
+                 f"storage: {tmp_path / 'sweeps'}\nmlflow: {{tracking_uri: {tmp_path / 'mlruns'}}}\n", "s.yaml")
+    result = CliRunner().invoke(main, ["sweep", "run", str(file)])
+    assert result.exit_code != 0
+    assert "base data.dataset" in result.output and str(missing) in result.output
+    assert not (tmp_path / "sweeps" / "t").exists()

@@ -625,8 +625,13 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
         raise SweepError(f"sweep {spec.name!r} already exists in {directory}; continue it with "
                          f"`capi sweep resume {spec.name}`, or remove that directory to start over")
     uri = _reachable(resolve_uri(spec.mlflow.tracking_uri))
-    if address is None:
-        _check_dataset(spec.base_config)
+    if address is None:  # a local cluster reads the dataset from this machine: fail here, before Ray
+        from orchestrator.train import TrainingError, check_dataset
+
+        try:
+            check_dataset(spec.base_config)
+        except TrainingError as err:
+            raise SweepError(f"base {err}") from None
     started = _init_ray(spec, address)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -807,15 +812,6 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue  # a line cut short by a crash
     return out
-
-
-def _check_dataset(config: TrainConfig) -> None:
-    from capi_core.data import resolve_dataset
-
-    try:
-        resolve_dataset(config.data.dataset, config.data.cache_dir)
-    except (ValueError, OSError) as err:
-        raise SweepError(f"base data.dataset: {err}") from None
 
 
 def _write_atomic(path: Path, text: str) -> None:
