@@ -136,6 +136,20 @@ def load_encoder(path: Path, which: str = "teacher"):
     """
     from capi_core.models.encoder import Encoder
 
+    return _load_part(path, which, "encoder", Encoder)
+
+
+def load_student(path: Path, which: str = "teacher"):
+    """The whole (EMA teacher by default) model: encoder, predictor and head, for predictor pooling.
+
+    Returns ``(Student, TrainConfig)``; errors as ``load_encoder``.
+    """
+    from capi_core.models.student import Student
+
+    return _load_part(path, which, "", Student)
+
+
+def _load_part(path: Path, which: str, part: str, build):
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
@@ -149,9 +163,9 @@ def load_encoder(path: Path, which: str = "teacher"):
         config = TrainConfig.model_validate(state["config"])
     except Exception as err:  # noqa: BLE001 - any schema problem is a bad checkpoint
         raise CheckpointError(f"{path / STATE} holds no valid training config: {err}") from None
-    encoder = Encoder(config.model)
-    weights = split_prefix(tensors, f"{which}.encoder.")
-    expected = encoder.state_dict()
+    module = build(config.model) if part else build(config)
+    weights = split_prefix(tensors, f"{which}.{part + '.' if part else ''}")
+    expected = module.state_dict()
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     reshaped = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
@@ -160,5 +174,5 @@ def load_encoder(path: Path, which: str = "teacher"):
             f"{path / WEIGHTS} does not match the architecture in its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, different shapes {reshaped[:3]}"
         )
-    encoder.load_state_dict(weights)
-    return encoder.eval(), config
+    module.load_state_dict(weights)
+    return module.eval(), config

@@ -11,7 +11,7 @@ from PIL import Image
 
 from capi_core.checkpoint import save_checkpoint, with_prefix
 from capi_core.config import build_config
-from capi_core.models.encoder import Encoder
+from capi_core.models.student import Student
 from orchestrator.cli import main
 
 
@@ -19,9 +19,9 @@ from orchestrator.cli import main
 def checkpoint(tiny_dataset, tmp_path_factory):
     config = build_config("cpu-tiny", {"data": {"dataset": str(tiny_dataset)}})
     torch.manual_seed(0)
-    encoder = Encoder(config.model)
+    teacher = Student(config)  # a trainer checkpoint holds the whole EMA teacher: encoder, predictor, head
     path = tmp_path_factory.mktemp("run") / "step-0000020"
-    return save_checkpoint(path, with_prefix(encoder.state_dict(), "teacher.encoder."),
+    return save_checkpoint(path, with_prefix(teacher.state_dict(), "teacher."),
                            {"step": 20, "config": config.model_dump(mode="json")})
 
 
@@ -36,9 +36,9 @@ def test_run_writes_json_pictures_and_a_table(checkpoint, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     probes = {p["probe"]: p for p in report["probes"]}
-    assert set(probes) == {"knn", "linear_cls", "linear_mean", "abmilp"}
+    assert set(probes) == {"knn", "knn_predictor", "linear_cls", "linear_mean", "abmilp"}
     assert probes["linear_cls"]["top1"] is None  # our encoder has no [cls] token
-    for name in ("knn", "linear_mean", "abmilp"):
+    for name in ("knn", "knn_predictor", "linear_mean", "abmilp"):
         assert 0.0 <= probes[name]["top1"] <= 100.0
     assert report["train_images"] == 512 and report["test_images"] == 128
     assert report["diagnostics"]["tokens"] == {"has_cls": False, "registers": 4, "patches": 16}
@@ -60,7 +60,10 @@ def test_random_init_baseline_goes_to_its_own_directory(checkpoint):
 def test_knn_command_prints_top1(checkpoint):
     result = invoke("knn", checkpoint, "--k", "5")
     assert result.exit_code == 0, result.output
-    assert "knn_top1" in result.output and "k=5" in result.output
+    assert "knn_top1" in result.output and "k=5" in result.output and "mean pooling" in result.output
+    result = invoke("knn", checkpoint, "--k", "5", "--pool", "predictor")
+    assert result.exit_code == 0, result.output
+    assert "predictor pooling" in result.output
 
 
 def test_bad_inputs_give_clear_errors(checkpoint, tmp_path):

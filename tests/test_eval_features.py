@@ -50,3 +50,30 @@ def test_pooled_cls_needs_a_cls_token():
     encoder = Encoder(build_config("cpu-tiny").model)
     with pytest.raises(ValueError, match="cls"):
         pooled_features(encoder, torch.randn(2, 1, 16, 16), pool="cls")
+
+
+@pytest.mark.parametrize("pos_embed", ["learned", "rope"])
+def test_predictor_pooling_reads_the_first_predictor_block_at_every_position(pos_embed):
+    """Spec §8.1: encoder on all patches, a mask-token query at every position, the first predictor
+    block's output after the final norm, averaged over positions; deeper blocks are not used."""
+    from capi_core.models.student import Student
+
+    cfg = build_config("cpu-tiny", {"model": {"pos_embed": pos_embed, "predictor_depth": 2}})
+    torch.manual_seed(0)
+    student = Student(cfg).eval()
+    x = torch.randn(5, 1, 16, 16)
+    pooled = pooled_features(student, x, batch_size=2, pool="predictor")
+    with torch.no_grad():
+        context = student.encoder(x)
+        everywhere = torch.arange(16).expand(5, 16)
+        first = student.predictor(context, everywhere, everywhere, depth=1)
+        full = student.predictor(context, everywhere, everywhere)
+    assert pooled.shape == (5, student.predictor.embed_dim)
+    assert torch.allclose(pooled, first.mean(1), atol=1e-6)
+    assert not torch.allclose(pooled, full.mean(1), atol=1e-4)
+    # a query's output does not depend on the other queries (cross-attention only)
+    with torch.no_grad():
+        one = student.predictor(context, everywhere, everywhere[:, 3:4], depth=1)
+    assert torch.allclose(one[:, 0], first[:, 3], atol=1e-5)
+    with pytest.raises(ValueError, match="whole CAPI model"):
+        pooled_features(student.encoder, x, pool="predictor")

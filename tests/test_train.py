@@ -101,6 +101,13 @@ def test_checkpoint_round_trip(tiny_dataset, tmp_path):
     assert loaded_cfg == cfg
     for a, b in zip(trainer.teacher.encoder.state_dict().values(), encoder.state_dict().values()):
         assert torch.equal(a, b)
+    student, _ = ckpt.load_student(tmp_path / cfg.run.name, "student")  # a run directory: its latest checkpoint
+    for a, b in zip(trainer.student.state_dict().values(), student.state_dict().values()):
+        assert torch.equal(a, b)
+    teacher, _ = ckpt.load_student(path)
+    assert not teacher.training
+    for a, b in zip(trainer.teacher.state_dict().values(), teacher.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_resume_gives_the_same_losses(tiny_dataset, tmp_path):

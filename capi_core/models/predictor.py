@@ -145,7 +145,9 @@ class Predictor(nn.Module):
         rope_q = rope_embed(self.patch_coords[predict], self.bands)
         return rope_q.unsqueeze(1), rope_embed(context_coords, self.bands).unsqueeze(1)
 
-    def forward(self, context: torch.Tensor, visible: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+    def forward(self, context: torch.Tensor, visible: torch.Tensor, predict: torch.Tensor,
+                depth: int | None = None) -> torch.Tensor:
+        """``depth``: run only the first ``depth`` blocks (predictor pooling reads the first one, §8.1)."""
         B, n_pred = predict.shape
         if context.shape[1] != self.num_registers + visible.shape[1]:
             raise ValueError(f"context has {context.shape[1]} tokens, expected {self.num_registers} registers + "
@@ -156,6 +158,6 @@ class Predictor(nn.Module):
             rope_q, rope_k = self._rope(visible, predict)
         else:
             x = x + self.pos_embed[0, predict]  # [B, n_pred, D_pred]
-        for block in self.blocks:
+        for block in self.blocks[:depth]:
             x = block(x, context, rope_q, rope_k)
         return self.norm(x)

@@ -58,27 +58,28 @@ def _checkpoint_options(f):
     return f
 
 
-def _load_encoder(checkpoint: Path, which: str, random_init: bool, seed: int, device: str, precision: str):
-    """(encoder on its device, TrainConfig, autocast dtype or None); problems become clear CLI errors."""
+def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, device: str, precision: str):
+    """(whole CAPI model on its device, TrainConfig, autocast dtype or None); problems become clear CLI
+    errors. The probes read ``model.encoder``; predictor pooling also needs ``model.predictor``."""
     import torch
 
-    from capi_core.checkpoint import CheckpointError, load_encoder
+    from capi_core.checkpoint import CheckpointError, load_student
     from capi_core.train import pick_device, use_bf16
 
     try:
-        encoder, config = load_encoder(checkpoint, which=which)
+        model, config = load_student(checkpoint, which=which)
     except CheckpointError as err:
         raise click.ClickException(str(err)) from None
     if random_init:
-        from capi_core.models.encoder import Encoder
+        from capi_core.models.student import Student
 
         torch.manual_seed(seed)
-        encoder = Encoder(config.model).eval()
+        model = Student(config).eval()
     try:
         dev = pick_device(device)
     except RuntimeError as err:
         raise click.UsageError(str(err)) from None
-    return encoder.to(dev), config, torch.bfloat16 if use_bf16(precision, dev) else None
+    return model.to(dev), config, torch.bfloat16 if use_bf16(precision, dev) else None
 
 
 def _load_data(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
@@ -169,7 +170,8 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     from capi_core.eval.probes import ProbeProtocol, run_probes
 
     console = Console(stderr=True, highlight=False)
-    encoder, config, autocast = _load_encoder(checkpoint, which, random_init, seed, device, precision)
+    model, config, autocast = _load_model(checkpoint, which, random_init, seed, device, precision)
+    encoder = model.encoder
     out = out or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / (
         "eval-random-init" if random_init else "eval")
     protocol = ProbeProtocol(seed=seed)
@@ -201,6 +203,16 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
                                  progress=lambda p: stage(f"probe {p}"))
         except ValueError as err:
             raise click.ClickException(f"dataset {name!r}: {err}") from None
+        if "knn" in probes:  # CAPI's own global representation (spec §8.1), beside mean pooling
+            from capi_core.eval.features import pooled_features
+            from capi_core.eval.probes import run_probe
+
+            stage("probe knn_predictor (predictor pooling)")
+            pooled = [pooled_features(model, x, batch_size, pool="predictor", autocast_dtype=autocast)
+                      for x in (train_x, test_x)]
+            result = run_probe("knn", pooled[0], train_y.long(), pooled[1], test_y.long(),
+                               int(max(train_y.max(), test_y.max())) + 1, protocol)
+            results.insert(probes.index("knn") + 1, replace(result, probe="knn_predictor"))
         for r in results:
             console.print(f"{r.probe}: " + ("n/a" if r.top1 is None else f"{r.top1:.2f}%"))
         report["probes"] = [r.to_dict() for r in results]
@@ -258,23 +270,27 @@ def _print_table(report: dict, results) -> None:
 @click.option("--k", type=click.IntRange(min=1), default=None, help="Neighbours (default: the checkpoint's probe.k).")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Vote temperature (default: the checkpoint's probe.temperature).")
+@click.option("--pool", type=click.Choice(["mean", "predictor"]), default="mean", show_default=True,
+              help="mean: mean of the final patch tokens (the online probe's feature); predictor: CAPI's "
+                   "predictor pooling, the paper's global representation.")
 def knn(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_size, device, precision, seed, k,
-        temperature) -> None:
-    """Quick weighted k-NN top-1 (%) of mean-pooled frozen patch features on the test split.
+        temperature, pool) -> None:
+    """Quick weighted k-NN top-1 (%) of pooled frozen features on the test split.
 
-    The same metric as the trainer's online probe/knn_top1, on more images.
+    With --pool mean, the same metric as the trainer's online probe/knn_top1, on more images.
     """
     from capi_core.eval.features import pooled_features
     from capi_core.eval.knn import knn_top1
 
-    encoder, config, autocast = _load_encoder(checkpoint, which, random_init, seed, device, precision)
+    model, config, autocast = _load_model(checkpoint, which, random_init, seed, device, precision)
+    source = model if pool == "predictor" else model.encoder
     name, _, (train_x, train_y), (test_x, test_y) = _load_data(dataset, config, limit_train, limit_test, seed)
     k = k or config.probe.k
     temperature = temperature or config.probe.temperature
     click.echo(f"features of {len(train_x)} train and {len(test_x)} test images", err=True)
-    top1 = knn_top1(pooled_features(encoder, train_x, batch_size, autocast_dtype=autocast), train_y,
-                    pooled_features(encoder, test_x, batch_size, autocast_dtype=autocast), test_y, k=k,
+    top1 = knn_top1(pooled_features(source, train_x, batch_size, pool=pool, autocast_dtype=autocast), train_y,
+                    pooled_features(source, test_x, batch_size, pool=pool, autocast_dtype=autocast), test_y, k=k,
                     temperature=temperature)
     what = "random init" if random_init else which
-    click.echo(f"knn_top1 {top1:.2f}%  ({checkpoint}, {what}; {name}: {len(train_x)} train / {len(test_x)} test; "
-               f"k={k}, T={temperature:g})")
+    click.echo(f"knn_top1 {top1:.2f}%  ({checkpoint}, {what}; {pool} pooling; {name}: {len(train_x)} train / "
+               f"{len(test_x)} test; k={k}, T={temperature:g})")
