@@ -1,14 +1,21 @@
-"""What running through Ray Train costs: a cpu-demo-sized run standalone vs through Ray, and 1 vs 2 workers.
+"""What running through Ray costs: a sweep against its trials run standalone, one run through Ray
+Train against the same run standalone, and 1 against 2 workers.
 
-Runs the same CAPI training (preset cpu-demo, fewer steps: --steps) four ways: standalone in this
-process, then on a local Ray with 1 worker holding every CPU, and with 2 workers of one CPU each
-(same global batch). For each it prints the wall time split at the first logged step: start-up
-(model build, data, and for Ray the controller, worker group and process group) and the rest
-(training, reports, final probe and checkpoint, teardown), plus steady-state images/s (the
-trainer's own rate, averaged over the log intervals after the first). Ray's own start-up
-(``ray.init``) is timed separately. No MLflow: this isolates Ray. Usage::
+Measured on a local Ray, no GPU needed:
 
-    python benchmarks/ray_overhead.py [--steps 60] [--log-every 5] [--dataset fashion-mnist]
+* **sweep**: a real ``capi sweep`` (Ray Tune driving Ray Train trials, one at a time, with a
+  local-file MLflow store: everything a user's sweep does) against the same trials trained
+  standalone in this process one after another. Overhead = sweep wall time / sum of the standalone
+  wall times - 1, reported whole and "beyond start-up", i.e. without ``ray.init`` and each
+  trial's worker-group start (measured from the trial's first logged step), which a longer
+  sweep amortises. The default sizes make a sweep of about 5 minutes on 2 cores.
+* **train**: one run standalone, then as a Ray Train run with 1 worker holding every CPU (overhead
+  beyond start-up, both timed from their first logged step), then with 2 workers of one CPU each
+  (same global batch), compared by the trainer's steady-state images/s (median over log intervals
+  after the first).
+
+    python benchmarks/ray_overhead.py                       # ~12 minutes on 2 cores
+    python benchmarks/ray_overhead.py --trial-steps 40      # a quick look (~2 minutes)
 """
 
 from __future__ import annotations
@@ -16,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from capi_core.config import build_config
@@ -28,94 +34,150 @@ from capi_core.train import JsonlMetrics, Trainer
 from orchestrator.train import METRICS_FILE, ScalingOptions, run_distributed
 
 
-def timed(run: Callable[[], object], metrics_file: Path) -> tuple[float, float]:
-    """(wall seconds, seconds until ``metrics_file`` appeared, i.e. the first log step) of ``run()``."""
-    first: list[float] = []
-    done = threading.Event()
-    start = time.perf_counter()
-
-    def watch():
-        while not done.is_set() and not metrics_file.exists():
-            time.sleep(0.02)
-        if metrics_file.exists():
-            first.append(time.perf_counter() - start)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    run()
-    wall = time.perf_counter() - start
-    done.set()
-    watcher.join()
-    return wall, first[0] if first else float("nan")
-
-
 def steady_images_per_s(metrics_file: Path) -> float:
-    """Mean of the trainer's images/s over the log intervals after the first (warm-up)."""
+    """Median of the trainer's images/s over the log intervals after the first (warm-up)."""
     rates = [json.loads(line)["train/images_per_s"] for line in metrics_file.read_text().splitlines()
              if "train/images_per_s" in line]
-    rates = rates[1:] or rates
-    return sum(rates) / len(rates)
+    return statistics.median(rates[1:] or rates)
 
 
-def main() -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu-demo")
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--steps", type=int, default=60, help="optimiser steps per run (cpu-demo has 2000)")
-    parser.add_argument("--log-every", type=int, default=5, help="also where start-up ends: the first log step")
-    args = parser.parse_args()
+def _first_log(metrics_file: Path) -> float:
+    """Wall-clock time (Unix seconds) of a run's first logged step."""
+    return json.loads(metrics_file.read_text().splitlines()[0])["time"]
 
+
+def _overrides(args, out: Path, name: str) -> list[str]:
+    return [f"data.dataset={args.dataset}", f"optim.steps={args.trial_steps}", f"optim.batch_size={args.batch}",
+            f"run.log_every={args.log_every}", f"run.output_dir={out}", f"run.name={name}",
+            f"run.threads={os.cpu_count() or 1}", "data.loader_workers=0", "probe.every=0"]
+
+
+def sweep_overhead(args, out: Path) -> dict[str, float]:
+    """A grid sweep over ``args.trials`` teacher temperatures vs the same runs standalone."""
+    from orchestrator.sweep.spec import load_sweep
+    from orchestrator.sweep.tune import run_sweep
+
+    temps = [round(0.04 + 0.02 * i, 3) for i in range(args.trials)]
+    standalone, standalone_startup = [], 0.0
+    for t in temps:
+        cfg = build_config(args.preset, [*_overrides(args, out, f"standalone-{t}"), f"loss.teacher_temp={t}"])
+        start_wall, start = time.time(), time.perf_counter()
+        Trainer(cfg, [JsonlMetrics()]).fit()
+        standalone.append(time.perf_counter() - start)
+        standalone_startup += _first_log(out / f"standalone-{t}" / METRICS_FILE) - start_wall
+        print(f"  standalone trial (teacher_temp {t}) {standalone[-1]:6.1f} s", flush=True)
+
+    overrides = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in _overrides(args, out, "sweep")
+                 if not o.startswith(("run.output_dir", "run.name"))}
+    sweep_file = out / "sweep.yaml"
+    sweep_file.write_text(json.dumps({  # JSON is YAML
+        "name": "overhead", "storage": str(out / "sweeps"), "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
+        "base": {"preset": args.preset, "overrides": overrides},
+        "search_space": {"loss.teacher_temp": {"grid": temps}},
+        "search": {"algorithm": "grid", "metric": "probe/knn_top1", "mode": "max"},
+        "budget": {"num_samples": args.trials, "max_concurrent_trials": 1},
+        "resources": {"workers": 1, "cpus_per_worker": os.cpu_count() or 1, "gpus_per_worker": 0},
+    }))
+    spec = load_sweep(sweep_file)
+    start_wall, start = time.time(), time.perf_counter()
+    outcome = run_sweep(spec, sweep_file)
+    sweep_wall = time.perf_counter() - start
+    if len(outcome.trials) != args.trials or any(t.status != "TERMINATED" for t in outcome.trials):
+        raise RuntimeError(f"the sweep did not finish its trials: {[(t.trial_id, t.status) for t in outcome.trials]}")
+    metrics = sorted((out / "sweeps" / "overhead" / "trials").glob(f"*/{METRICS_FILE}"))
+    lines = [[json.loads(x) for x in m.read_text().splitlines()] for m in metrics]
+    lines.sort(key=lambda rows: rows[0]["time"])
+    startup, previous_end = 0.0, start_wall  # the previous trial's end (or the sweep's start) to the first log
+    for rows in lines:
+        startup += rows[0]["time"] - previous_end
+        previous_end = rows[-1]["time"]
+    base = sum(standalone)
+    # Both sides timed from each run's first logged step to its end: what a longer sweep scales with.
+    result = {"sweep_trials": args.trials, "sweep_wall_s": sweep_wall, "standalone_sum_s": base,
+              "sweep_startup_s": startup, "standalone_startup_s": standalone_startup,
+              "sweep_overhead": sweep_wall / base - 1,
+              "sweep_overhead_beyond_startup": (sweep_wall - startup) / (base - standalone_startup) - 1}
+    print(f"  sweep of {args.trials} trials {sweep_wall:6.1f} s (start-up {startup:.1f} s) vs standalone sum "
+          f"{base:6.1f} s (start-up {standalone_startup:.1f} s): overhead {100 * result['sweep_overhead']:+.1f} % whole, "
+          f"{100 * result['sweep_overhead_beyond_startup']:+.1f} % beyond start-up (target < 10 %)", flush=True)
+    return result
+
+
+def train_overhead(args, out: Path) -> dict[str, float]:
+    """One run standalone, then through Ray Train with 1 worker x all CPUs and 2 workers x 1 CPU each.
+
+    Overhead beyond start-up compares the time from the first logged step to the end (training,
+    reports, final probe and checkpoint, teardown); 1 vs 2 workers compares steady-state images/s.
+    """
     import ray
 
     cpus = os.cpu_count() or 1
-    out = Path(tempfile.mkdtemp(prefix="capi-ray-overhead-"))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-    def config(name: str):
-        return build_config(args.preset, [f"data.dataset={args.dataset}", f"optim.steps={args.steps}",
-                                          f"run.log_every={args.log_every}", f"run.output_dir={out}",
-                                          f"run.name={name}"])
-
-    load = os.getloadavg()[0]
-    print(f"ray overhead: preset {args.preset}, {args.steps} steps (log every {args.log_every}), {args.dataset}, "
-          f"{cpus} CPUs, load average {load:.1f}" + ("  (busy machine: figures are noisy)" if load > cpus / 2 else ""))
-    results: dict[str, float] = {}
-
-    resolve_dataset(args.dataset)  # a built-in is imported on first use: not part of any timing
-    cfg = config("standalone")
-    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"threads": cpus})})
-    wall, first = timed(lambda: Trainer(cfg, [JsonlMetrics()]).fit(), out / "standalone" / METRICS_FILE)
-    rate = steady_images_per_s(out / "standalone" / METRICS_FILE)
-    results.update(standalone_wall_s=wall, standalone_startup_s=first, standalone_images_per_s=rate)
-    print(f"  {'standalone':<22} wall {wall:6.1f} s = start-up {first:5.1f} s + rest {wall - first:6.1f} s   "
-          f"{rate:7.0f} images/s")
-
+    result = {}
+    cfg = build_config(args.preset, _overrides(args, out, "standalone"))
+    start_wall, start = time.time(), time.perf_counter()
+    Trainer(cfg, [JsonlMetrics()]).fit()
+    result["standalone_wall_s"] = time.perf_counter() - start
+    result["standalone_startup_s"] = _first_log(out / "standalone" / METRICS_FILE) - start_wall
+    result["standalone_images_per_s"] = steady_images_per_s(out / "standalone" / METRICS_FILE)
+    print(f"  standalone run {result['standalone_wall_s']:6.1f} s (start-up {result['standalone_startup_s']:.1f} s), "
+          f"{result['standalone_images_per_s']:.0f} images/s", flush=True)
     start = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    results["ray_init_s"] = time.perf_counter() - start
-    print(f"  {'ray.init':<22} {results['ray_init_s']:6.1f} s")
+    result["ray_init_s"] = time.perf_counter() - start
     try:
         for workers in (1, 2):
             name = f"ray-{workers}w"
-            scaling = ScalingOptions(workers=workers, cpus_per_worker=cpus // workers, max_failures=0)
-            wall, first = timed(lambda: run_distributed(config(name), scaling, tracking=None),
-                                out / name / METRICS_FILE)
-            rate = steady_images_per_s(out / name / METRICS_FILE)
-            results.update({f"{name}_wall_s": wall, f"{name}_startup_s": first, f"{name}_images_per_s": rate})
-            print(f"  {f'Ray, {workers} worker(s) x {cpus // workers} CPU':<22} wall {wall:6.1f} s = start-up "
-                  f"{first:5.1f} s + rest {wall - first:6.1f} s   {rate:7.0f} images/s")
+            cfg = build_config(args.preset, [*_overrides(args, out, name), f"run.threads={cpus // workers}"])
+            start_wall, start = time.time(), time.perf_counter()
+            run_distributed(cfg, ScalingOptions(workers=workers, cpus_per_worker=cpus // workers, max_failures=0),
+                            tracking=None)
+            result[f"{name}_wall_s"] = time.perf_counter() - start
+            result[f"{name}_startup_s"] = _first_log(out / name / METRICS_FILE) - start_wall
+            result[f"{name}_images_per_s"] = steady_images_per_s(out / name / METRICS_FILE)
+            print(f"  Ray Train, {workers} worker(s) x {cpus // workers} CPU: {result[f'{name}_wall_s']:6.1f} s "
+                  f"(start-up {result[f'{name}_startup_s']:.1f} s), {result[f'{name}_images_per_s']:.0f} images/s",
+                  flush=True)
     finally:
         ray.shutdown()
+    rest = result["standalone_wall_s"] - result["standalone_startup_s"]
+    result["train_overhead_beyond_startup"] = (result["ray-1w_wall_s"] - result["ray-1w_startup_s"]) / rest - 1
+    result["two_vs_one_worker"] = result["ray-2w_images_per_s"] / result["ray-1w_images_per_s"]
+    print(f"  Ray Train (1 worker) vs standalone beyond start-up: {100 * result['train_overhead_beyond_startup']:+.1f} % "
+          f"(target < 10 %); ray.init {result['ray_init_s']:.1f} s; 2 workers vs 1: "
+          f"{result['two_vs_one_worker']:.2f}x images/s", flush=True)
+    return result
 
-    base_rest = results["standalone_wall_s"] - results["standalone_startup_s"]
-    ray_rest = results["ray-1w_wall_s"] - results["ray-1w_startup_s"]
-    results["overhead_after_startup"] = ray_rest / base_rest - 1
-    results["overhead_steady_state"] = results["standalone_images_per_s"] / results["ray-1w_images_per_s"] - 1
-    print(f"  Ray (1 worker) vs standalone after start-up: {100 * results['overhead_after_startup']:+.1f} % wall, "
-          f"{100 * results['overhead_steady_state']:+.1f} % per image in steady state (target < 10 %)")
-    print(f"  2 workers vs 1: {results['ray-2w_images_per_s'] / results['ray-1w_images_per_s']:.2f}x images/s")
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="cpu-demo")
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--trials", type=int, default=2, help="trials in the sweep (run one at a time)")
+    ap.add_argument("--trial-steps", type=int, default=400,
+                    help="optimiser steps per trial; 400 at batch 64 is ~2.5 min of cpu-demo on 2 cores")
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-train", action="store_true", help="skip the single-run and 1-vs-2-worker part")
+    return ap
+
+
+def measure(args) -> dict[str, float]:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    resolve_dataset(args.dataset)  # a built-in is imported on first use: not part of any timing
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    print(f"ray overhead: preset {args.preset}, batch {args.batch}, {args.trial_steps} steps per run, "
+          f"{cpus} CPUs, load average {load:.1f}" + ("  (busy machine: figures are noisy)" if load > cpus / 2 else ""),
+          flush=True)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="capi-ray-overhead-") as tmp:
+        if not args.skip_sweep:
+            results.update(sweep_overhead(args, Path(tmp) / "sweep"))
+        if not args.skip_train:
+            results.update(train_overhead(args, Path(tmp) / "train"))
     return results
 
 
 if __name__ == "__main__":
-    main()
+    print(json.dumps(measure(parser().parse_args()), indent=1))

@@ -55,12 +55,18 @@ class Callback:
 
 
 class JsonlMetrics(Callback):
-    """Appends every logged metric dict to ``<run_dir>/metrics.jsonl`` (rank 0)."""
+    """Appends every logged metric dict to ``path`` (default ``<run_dir>/metrics.jsonl``) on rank 0,
+    with the wall-clock ``time`` (Unix seconds) it was logged at."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.is_main:
-            with open(trainer.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
+            path = Path(self.path or trainer.run_dir / "metrics.jsonl")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
 
     on_end = on_log
 

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig
-from capi_core.train import Callback, Trainer
+from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.tracking import MlflowTracking, TrackingOptions
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
@@ -112,21 +112,6 @@ class RayReport(Callback):
         return bool(due.item())
 
 
-class MetricsFile(Callback):
-    """Appends rank 0's metrics to ``path`` (a run directory's metrics.jsonl) as JSON lines."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if trainer.is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **metrics}) + "\n")
-
-    on_end = on_log
-
-
 class LogLines(Callback):
     """Prints one progress line per log step on rank 0 (Ray forwards it to the driver's console)."""
 
@@ -195,7 +180,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         run_path = loop["run_path"]
         callbacks: list[Callback] = [RayReport(), LogLines()]
         if loop["local_run_dir"]:
-            callbacks.append(MetricsFile(Path(run_path) / METRICS_FILE))
+            callbacks.append(JsonlMetrics(Path(run_path) / METRICS_FILE))
         if loop["tracking"] is not None:
             t = loop["tracking"]
             callbacks.append(MlflowTracking(
