@@ -94,7 +94,7 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     base = sum(standalone)
     # Both sides timed from each run's first logged step to its end: what a longer sweep scales with.
     result = {"sweep_trials": args.trials, "sweep_wall_s": sweep_wall, "standalone_sum_s": base,
-              "sweep_startup_s": startup, "standalone_startup_s": standalone_startup,
+              "sweep_startup_s": startup, "sweep_standalone_startup_s": standalone_startup,
               "sweep_overhead": sweep_wall / base - 1,
               "sweep_overhead_beyond_startup": (sweep_wall - startup) / (base - standalone_startup) - 1}
     print(f"  sweep of {args.trials} trials {sweep_wall:6.1f} s (start-up {startup:.1f} s) vs standalone sum "
