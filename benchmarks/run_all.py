@@ -44,10 +44,10 @@ def machine() -> dict:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    from capi_core.train import _cpu_has_amx
+    from capi_core.train import cpu_has_amx
 
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "amx": _cpu_has_amx(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "amx": cpu_has_amx(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_at_start": round(os.getloadavg()[0], 2),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

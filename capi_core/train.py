@@ -84,10 +84,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     here: 34 vs 58 GFLOP/s on an AVX-512 Xeon), so 'auto' picks bf16 only where it pays."""
     if precision != "auto":
         return precision == "bf16"
-    return device.type == "cuda" or _cpu_has_amx()
+    return device.type == "cuda" or cpu_has_amx()
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
             return "amx_bf16" in f.read()

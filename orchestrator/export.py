@@ -280,9 +280,9 @@ def export_best(uri: str, parent_run_id: str, out: str | Path, metric: str, mode
 
 
 def _safe(uri: str) -> str:
-    from orchestrator.tracking import _safe_uri
+    from orchestrator.tracking import safe_uri
 
-    return _safe_uri(uri)
+    return safe_uri(uri)
 
 
 class _local_checkpoint:

@@ -220,7 +220,7 @@ def _slug(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ page
 def render(spec: SweepSpec, state: SweepState, trials: list[TrialReport], pictures: list[Path]) -> str:
-    from orchestrator.tracking import _safe_uri  # the page is logged to MLflow: no user:password in it
+    from orchestrator.tracking import safe_uri  # the page is logged to MLflow: no user:password in it
 
     e = html.escape
     best = best_trial([t.row for t in trials], spec.search.mode)
@@ -247,7 +247,7 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margi
 <body><h1>Sweep {e(spec.name)}</h1>
 <p>{len(trials)} trials, {e(spec.search.algorithm)} search for the {e(spec.search.mode)} of
 {e(spec.search.metric)}, scheduler {e(spec.scheduler.type)}. {summary}.</p>
-<p>MLflow: {e(_safe_uri(state.tracking_uri))}, experiment {e(state.experiment)},
+<p>MLflow: {e(safe_uri(state.tracking_uri))}, experiment {e(state.experiment)},
 parent run {e(state.parent_run_id)}.</p>
 <h2>Trials</h2>
 <table><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>

@@ -89,7 +89,7 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def _safe_uri(uri: str) -> str:
+def safe_uri(uri: str) -> str:
     """``uri`` without any user:password part, for messages."""
     parsed = urlparse(uri)
     if parsed.password is None and parsed.username is None:
@@ -101,14 +101,14 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError unless the store at ``uri`` answers (HTTP) or can be written (local), quickly."""
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        url = _safe_uri(uri).rstrip("/") + "/health"  # /health needs no credentials
+        url = safe_uri(uri).rstrip("/") + "/health"  # /health needs no credentials
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) only
                 if response.status != 200:
-                    raise TrackingError(f"MLflow server {_safe_uri(uri)} answered /health with {response.status}")
+                    raise TrackingError(f"MLflow server {safe_uri(uri)} answered /health with {response.status}")
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(f"MLflow server {_safe_uri(uri)} is not reachable ({reason}); start it, "
+            raise TrackingError(f"MLflow server {safe_uri(uri)} is not reachable ({reason}); start it, "
                                 f"or pass another --tracking-uri") from None
     elif parsed.scheme in ("sqlite", "file"):
         path = Path(unquote(uri[len("sqlite:///"):])) if parsed.scheme == "sqlite" else Path(unquote(parsed.path))
@@ -349,7 +349,7 @@ class MlflowTracking(Callback):
             return True
         except Exception as err:  # noqa: BLE001 - any store or network failure
             if not self._warned:
-                log.warning("MLflow logging to %s failed (%s); training goes on, will retry", _safe_uri(self.uri), err)
+                log.warning("MLflow logging to %s failed (%s); training goes on, will retry", safe_uri(self.uri), err)
                 self._warned = True
             return False
 

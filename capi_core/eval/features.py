@@ -144,17 +144,31 @@ def _intermediate_tokens(item: Tensor | tuple[Tensor, Tensor], has_cls: bool) ->
     return Tokens(patches=patches, registers=prefix[:, int(has_cls):], cls=prefix[:, 0] if has_cls else None)
 
 
-def predictor_pooled(student: nn.Module, x: Tensor) -> Tensor:
-    """CAPI's "predictor pooling" (spec §8.1): [B, D_pred] from images x [B, C, H, W].
+def predictor_pool(predictor: nn.Module, context: Tensor) -> Tensor:
+    """CAPI's "predictor pooling" (spec §8.1): [B, D_pred] from the encoder's final output on every
+    patch, context [B, R + N, D].
 
-    The encoder sees every patch; the predictor then runs with a mask-token query at every position,
-    and the output of its first block (after the predictor's final norm) is averaged over positions.
-    The paper measures this well above average pooling of the patch tokens (IN-1k k-NN 73.8 vs 57.1).
+    The predictor runs with a mask-token query at every position, and the output of its first block
+    (after the predictor's final norm) is averaged over positions. The paper measures this well above
+    average pooling of the patch tokens (IN-1k k-NN 73.8 vs 57.1).
     """
-    context = student.encoder(x)  # [B, R + N, D]
-    n = context.shape[1] - student.predictor.num_registers
-    everywhere = torch.arange(n, device=x.device).expand(x.shape[0], n)
-    return student.predictor(context, everywhere, everywhere, depth=1).mean(dim=1)
+    n = context.shape[1] - predictor.num_registers
+    everywhere = torch.arange(n, device=context.device).expand(context.shape[0], n)
+    return predictor(context, everywhere, everywhere, depth=1).mean(dim=1)
+
+
+@torch.no_grad()
+def predictor_pooled_tokens(predictor: nn.Module, tokens: Tokens, batch_size: int = 256,
+                            autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """``predictor_pool`` [N, D_pred] of already extracted final tokens (``extract_features(...).final``),
+    so an evaluation that has them does not run the encoder again."""
+    out = _Buffer(tokens.patches.shape[0], torch.float32)
+    with frozen(predictor, autocast_dtype) as device:
+        for start in range(0, tokens.patches.shape[0], batch_size):
+            context = torch.cat([tokens.registers[start:start + batch_size],
+                                 tokens.patches[start:start + batch_size]], dim=1)
+            out.put(start, predictor_pool(predictor, context.to(device)).float())
+    return out.data
 
 
 POOLS = ("mean", "cls", "predictor")
@@ -167,7 +181,7 @@ def pooled_features(model: nn.Module, images: Tensor, batch_size: int = 256, poo
 
     ``pool="mean"``: mean of the final-normed patch tokens, registers excluded; ``pool="cls"``: the
     [cls] token of models that have one; ``pool="predictor"``: CAPI's predictor pooling
-    (``predictor_pooled``), for a whole CAPI model (``Student``, e.g. from ``load_student``).
+    (``predictor_pool``), for a whole CAPI model (``Student``, e.g. from ``load_student``).
     """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
@@ -177,14 +191,15 @@ def pooled_features(model: nn.Module, images: Tensor, batch_size: int = 256, poo
     if pool == "cls" and not has_cls:
         raise ValueError("pool='cls' needs a model with a [cls] token; this one has none")
     out = _Buffer(images.shape[0], torch.float32)
+    encoder = getattr(model, "encoder", model)
     with frozen(model, autocast_dtype) as device:
         for start, x in _batches(images, batch_size):
-            x = x.to(device)
+            x = final_tokens(encoder, x.to(device))
             if pool == "predictor":
-                out.put(start, predictor_pooled(model, x).float())
-                continue
-            tokens = split_tokens(final_tokens(model, x), has_cls, num_registers)
-            out.put(start, tokens.patches.float().mean(dim=1) if pool == "mean" else tokens.cls)
+                out.put(start, predictor_pool(model.predictor, x).float())
+            else:
+                tokens = split_tokens(x, has_cls, num_registers)
+                out.put(start, tokens.patches.float().mean(dim=1) if pool == "mean" else tokens.cls)
     return out.data
 
 

@@ -204,12 +204,12 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
         except ValueError as err:
             raise click.ClickException(f"dataset {name!r}: {err}") from None
         if "knn" in probes:  # CAPI's own global representation (spec §8.1), beside mean pooling
-            from capi_core.eval.features import pooled_features
+            from capi_core.eval.features import predictor_pooled_tokens
             from capi_core.eval.probes import run_probe
 
             stage("probe knn_predictor (predictor pooling)")
-            pooled = [pooled_features(model, x, batch_size, pool="predictor", autocast_dtype=autocast)
-                      for x in (train_x, test_x)]
+            pooled = [predictor_pooled_tokens(model.predictor, t, batch_size, autocast)
+                      for t in (train_tokens, test_tokens)]
             result = run_probe("knn", pooled[0], train_y.long(), pooled[1], test_y.long(),
                                int(max(train_y.max(), test_y.max())) + 1, protocol)
             results.insert(probes.index("knn") + 1, replace(result, probe="knn_predictor"))

@@ -47,7 +47,7 @@ def _print_summary(spec, file: Path) -> None:
     from rich.table import Table
 
     from capi_core.config import flatten
-    from orchestrator.tracking import _safe_uri
+    from orchestrator.tracking import safe_uri
 
     base = spec.base_config
     flat = flatten(base)
@@ -78,7 +78,7 @@ def _print_summary(spec, file: Path) -> None:
                   f"{res.gpus_per_worker:g} GPU; at most {budget.max_concurrent_trials or 'as many as fit'} at once"
                   + (f"; time limit {budget.time_limit_s:g} s" if budget.time_limit_s else ""))
     console.print(f"tracking: MLflow experiment '{spec.mlflow.experiment or spec.name}'"
-                  + (f" at {_safe_uri(spec.mlflow.tracking_uri)}" if spec.mlflow.tracking_uri else "")
+                  + (f" at {safe_uri(spec.mlflow.tracking_uri)}" if spec.mlflow.tracking_uri else "")
                   + f"; trials under {spec.storage}; up to {spec.failure.max_failures} restart(s) per trial")
 
 
@@ -142,7 +142,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 def status(name: str, storage: Path | None) -> None:
     """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
     from orchestrator.sweep.tune import SweepError, load_sweep_run, trial_rows
-    from orchestrator.tracking import _safe_uri
+    from orchestrator.tracking import safe_uri
 
     try:
         spec, state, directory = load_sweep_run(_storage(storage), name)
@@ -151,7 +151,7 @@ def status(name: str, storage: Path | None) -> None:
     rows = trial_rows(directory, spec)
     _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows)
     click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
-               f"at {_safe_uri(state.tracking_uri)}")
+               f"at {safe_uri(state.tracking_uri)}")
 
 
 @sweep.command()
@@ -239,7 +239,7 @@ def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
     from orchestrator.export import ExportError, export_best, export_run
     from orchestrator.sweep.tune import child_run_id
-    from orchestrator.tracking import _safe_uri
+    from orchestrator.tracking import safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
     _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials)
@@ -262,7 +262,7 @@ def _finish(outcome, do_export: bool) -> None:
                        f"@champion)")
         except ExportError as err:
             click.secho(f"not exported: {err}", fg="yellow", err=True)
-    uri = _safe_uri(state.tracking_uri)  # the state keeps any user:password; the log must not
+    uri = safe_uri(state.tracking_uri)  # the state keeps any user:password; the log must not
     if uri.startswith(("http://", "https://")):
         click.echo(f"MLflow: open {uri} (experiment {state.experiment}, parent run {state.parent_run_id})")
     else:
