@@ -25,7 +25,9 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from capi_core.config import build_config
@@ -44,6 +46,87 @@ def steady_images_per_s(metrics_file: Path) -> float:
 def _first_log(metrics_file: Path) -> float:
     """Wall-clock time (Unix seconds) of a run's first logged step."""
     return json.loads(metrics_file.read_text().splitlines()[0])["time"]
+
+
+class CpuShares:
+    """Samples every process's CPU time (Linux ``/proc``) every ``period`` seconds in a thread, so that a
+    run's CPU can be split afterwards into the training process and everything else.
+
+    ``shares(t0, t1, training)``: between the first and last samples within the Unix times t0 and t1,
+    the CPU used by the processes for which ``training(pid, command_line)`` holds, and by all the
+    others, as fractions of the machine (1.0 = every core busy). None without ``/proc``.
+    """
+
+    def __init__(self, period: float = 2.0):
+        self.period, self.samples = period, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> CpuShares:
+        if Path("/proc/self/stat").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), self._cpu_by_process()))
+            if self._stop.wait(self.period):
+                return
+
+    @staticmethod
+    def _cpu_by_process() -> dict[tuple[int, str], float]:
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                cmd = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+            except OSError:  # exited meanwhile
+                continue
+            fields = stat.rsplit(")", 1)[1].split()  # utime and stime are fields 14 and 15 of stat
+            out[(int(pid), cmd)] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
+    def shares(self, t0: float, t1: float, training: Callable[[int, str], bool]) -> dict[str, float] | None:
+        inside = [s for s in self.samples if t0 <= s[0] <= t1]
+        if len(inside) < 2:
+            return None
+        (a_t, a), (b_t, b) = inside[0], inside[-1]
+        used = {k: v - a.get(k, 0.0) for k, v in b.items()}
+        machine = (b_t - a_t) * (os.cpu_count() or 1)
+        train = sum(v for (pid, cmd), v in used.items() if training(pid, cmd))
+        return {"training": train / machine, "others": (sum(used.values()) - train) / machine}
+
+
+def _ray_worker(pid: int, cmd: str) -> bool:
+    return cmd.startswith("ray::RayTrainWorker")
+
+
+def _timeline(name: str, metrics_file: Path, start: float, end: float, cpu: CpuShares,
+              training: Callable[[int, str], bool]) -> dict[str, float]:
+    """A run's start-up (start to first log), training (first to last log) and tail (last log to the
+    return: final checkpoint, teardown), and how the machine's CPU was shared while it trained."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    first, last = rows[0]["time"], rows[-1]["time"]
+    out = {f"{name}_startup_s": first - start, f"{name}_train_s": last - first, f"{name}_tail_s": end - last}
+    shares = cpu.shares(first, last, training)
+    if shares:
+        out[f"{name}_cpu_training"], out[f"{name}_cpu_others"] = shares["training"], shares["others"]
+    return out
+
+
+def _describe(result: dict[str, float], name: str) -> str:
+    text = (f"start-up {result[f'{name}_startup_s']:.1f} s, training {result[f'{name}_train_s']:.1f} s, "
+            f"tail {result[f'{name}_tail_s']:.1f} s")
+    if f"{name}_cpu_training" in result:
+        text += (f"; CPU while training: the trainer {result[f'{name}_cpu_training']:.0%}, "
+                 f"other processes {result[f'{name}_cpu_others']:.0%}")
+    return text
 
 
 def _overrides(args, out: Path, name: str) -> list[str]:
@@ -80,7 +163,8 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     }))
     spec = load_sweep(sweep_file)
     start_wall, start = time.time(), time.perf_counter()
-    outcome = run_sweep(spec, sweep_file)
+    with CpuShares() as cpu:
+        outcome = run_sweep(spec, sweep_file)
     sweep_wall = time.perf_counter() - start
     if len(outcome.trials) != args.trials or any(t.status != "TERMINATED" for t in outcome.trials):
         raise RuntimeError(f"the sweep did not finish its trials: {[(t.trial_id, t.status) for t in outcome.trials]}")
@@ -91,15 +175,22 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     for rows in lines:
         startup += rows[0]["time"] - previous_end
         previous_end = rows[-1]["time"]
+    # CPU while the trials trained (each trial's first to last log), averaged over the trials.
+    shares = [x for rows in lines if (x := cpu.shares(rows[0]["time"], rows[-1]["time"], _ray_worker))]
     base = sum(standalone)
     # Both sides timed from each run's first logged step to its end: what a longer sweep scales with.
     result = {"sweep_trials": args.trials, "sweep_wall_s": sweep_wall, "standalone_sum_s": base,
               "sweep_startup_s": startup, "sweep_standalone_startup_s": standalone_startup,
               "sweep_overhead": sweep_wall / base - 1,
               "sweep_overhead_beyond_startup": (sweep_wall - startup) / (base - standalone_startup) - 1}
+    if shares:
+        result["sweep_cpu_training"] = statistics.mean(x["training"] for x in shares)
+        result["sweep_cpu_others"] = statistics.mean(x["others"] for x in shares)
     print(f"  sweep of {args.trials} trials {sweep_wall:6.1f} s (start-up {startup:.1f} s) vs standalone sum "
           f"{base:6.1f} s (start-up {standalone_startup:.1f} s): overhead {100 * result['sweep_overhead']:+.1f} % whole, "
-          f"{100 * result['sweep_overhead_beyond_startup']:+.1f} % beyond start-up (target < 10 %)", flush=True)
+          f"{100 * result['sweep_overhead_beyond_startup']:+.1f} % beyond start-up (target < 10 %)" + (
+              f"; CPU while trials trained: the trainer {result['sweep_cpu_training']:.0%}, other processes "
+              f"{result['sweep_cpu_others']:.0%}" if shares else ""), flush=True)
     return result
 
 
@@ -115,11 +206,13 @@ def train_overhead(args, out: Path) -> dict[str, float]:
     result = {}
     cfg = build_config(args.preset, _overrides(args, out, "standalone"))
     start_wall, start = time.time(), time.perf_counter()
-    Trainer(cfg, [JsonlMetrics()]).fit()
+    with CpuShares() as cpu:
+        Trainer(cfg, [JsonlMetrics()]).fit()
     result["standalone_wall_s"] = time.perf_counter() - start
-    result["standalone_startup_s"] = _first_log(out / "standalone" / METRICS_FILE) - start_wall
+    result.update(_timeline("standalone", out / "standalone" / METRICS_FILE, start_wall, time.time(), cpu,
+                            lambda pid, cmd: pid == os.getpid()))
     result["standalone_images_per_s"] = steady_images_per_s(out / "standalone" / METRICS_FILE)
-    print(f"  standalone run {result['standalone_wall_s']:6.1f} s (start-up {result['standalone_startup_s']:.1f} s), "
+    print(f"  standalone run {result['standalone_wall_s']:6.1f} s ({_describe(result, 'standalone')}), "
           f"{result['standalone_images_per_s']:.0f} images/s", flush=True)
     start = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -129,21 +222,23 @@ def train_overhead(args, out: Path) -> dict[str, float]:
             name = f"ray-{workers}w"
             cfg = build_config(args.preset, [*_overrides(args, out, name), f"run.threads={cpus // workers}"])
             start_wall, start = time.time(), time.perf_counter()
-            run_distributed(cfg, ScalingOptions(workers=workers, cpus_per_worker=cpus // workers, max_failures=0),
-                            tracking=None)
+            with CpuShares() as cpu:
+                run_distributed(cfg, ScalingOptions(workers=workers, cpus_per_worker=cpus // workers,
+                                                    max_failures=0), tracking=None)
             result[f"{name}_wall_s"] = time.perf_counter() - start
-            result[f"{name}_startup_s"] = _first_log(out / name / METRICS_FILE) - start_wall
+            result.update(_timeline(name, out / name / METRICS_FILE, start_wall, time.time(), cpu, _ray_worker))
             result[f"{name}_images_per_s"] = steady_images_per_s(out / name / METRICS_FILE)
             print(f"  Ray Train, {workers} worker(s) x {cpus // workers} CPU: {result[f'{name}_wall_s']:6.1f} s "
-                  f"(start-up {result[f'{name}_startup_s']:.1f} s), {result[f'{name}_images_per_s']:.0f} images/s",
-                  flush=True)
+                  f"({_describe(result, name)}), {result[f'{name}_images_per_s']:.0f} images/s", flush=True)
     finally:
         ray.shutdown()
     rest = result["standalone_wall_s"] - result["standalone_startup_s"]
     result["train_overhead_beyond_startup"] = (result["ray-1w_wall_s"] - result["ray-1w_startup_s"]) / rest - 1
     result["two_vs_one_worker"] = result["ray-2w_images_per_s"] / result["ray-1w_images_per_s"]
+    result["train_overhead_training_only"] = result["ray-1w_train_s"] / result["standalone_train_s"] - 1
     print(f"  Ray Train (1 worker) vs standalone beyond start-up: {100 * result['train_overhead_beyond_startup']:+.1f} % "
-          f"(target < 10 %); ray.init {result['ray_init_s']:.1f} s; 2 workers vs 1: "
+          f"(target < 10 %), of which training alone {100 * result['train_overhead_training_only']:+.1f} %; "
+          f"ray.init {result['ray_init_s']:.1f} s; 2 workers vs 1: "
           f"{result['two_vs_one_worker']:.2f}x images/s", flush=True)
     return result
 

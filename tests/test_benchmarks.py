@@ -1,0 +1,38 @@
+"""The pure bookkeeping of the benchmarks (their figures are printed, never asserted on speed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from ray_overhead import CpuShares  # noqa: E402
+
+
+def test_cpu_shares_split_the_window_between_training_and_the_rest():
+    cpus = os.cpu_count() or 1
+    cpu = CpuShares()
+    # Unix time, then CPU seconds by (pid, command line); pid 3 starts inside the window.
+    cpu.samples = [(100.0, {(1, "ray::RayTrainWorker"): 5.0, (2, "raylet"): 1.0}),
+                   (110.0, {(1, "ray::RayTrainWorker"): 20.0, (2, "raylet"): 1.5, (3, "ray::Queue"): 0.5}),
+                   (130.0, {(1, "ray::RayTrainWorker"): 30.0, (2, "raylet"): 2.0})]  # outside [t0, t1]
+    shares = cpu.shares(99.0, 115.0, lambda pid, cmd: cmd.startswith("ray::RayTrainWorker"))
+    assert shares["training"] == pytest.approx(15.0 / (10.0 * cpus))
+    assert shares["others"] == pytest.approx(1.0 / (10.0 * cpus))
+    assert cpu.shares(105.0, 115.0, lambda pid, cmd: True) is None  # one sample: no interval
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_cpu_shares_sees_this_process_burn_cpu():
+    with CpuShares(period=0.05) as cpu:
+        start = time.time()
+        while time.time() - start < 0.5:
+            sum(i * i for i in range(10_000))
+    shares = cpu.shares(start, time.time(), lambda pid, cmd: pid == os.getpid())
+    cpus = os.cpu_count() or 1
+    assert shares["training"] > 0.5 / cpus  # a busy loop holds most of one core
