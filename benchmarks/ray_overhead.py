@@ -14,6 +14,10 @@ Measured on a local Ray, no GPU needed:
   (same global batch), compared by the trainer's steady-state images/s (median over log intervals
   after the first).
 
+* **control** (``--control``): the standalone run alone against the same run beside an idle
+  local Ray with a dozen idle actors, alternately. It separates what Ray's mere presence costs a
+  small machine from what running inside a Ray Train worker costs.
+
     python benchmarks/ray_overhead.py                       # ~12 minutes on 2 cores
     python benchmarks/ray_overhead.py --trial-steps 40      # a quick look (~2 minutes)
 """
@@ -243,6 +247,42 @@ def train_overhead(args, out: Path) -> dict[str, float]:
     return result
 
 
+def beside_idle_ray(args, out: Path) -> dict[str, float]:
+    """The control experiment: the same standalone run alone and beside an idle local Ray holding
+    ``args.idle_actors`` idle actors (about the processes of one Ray Train run), alternately
+    ``args.repeats`` times. Ray's processes wake ~100 times a second each; on a small machine that
+    alone slows a trainer that has no Ray in it at all."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ready(self) -> bool:
+            return True
+
+    times: dict[str, list[float]] = {"alone": [], "beside idle Ray": []}
+    for i in range(args.repeats):
+        for label in (("alone", "beside idle Ray") if i % 2 == 0 else ("beside idle Ray", "alone")):
+            if label != "alone":
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+                actors = [Idle.remote() for _ in range(args.idle_actors)]
+                ray.get([a.ready.remote() for a in actors])
+            try:
+                name = f"control-{i}-{label.split()[0]}"
+                Trainer(build_config(args.preset, _overrides(args, out, name)), [JsonlMetrics()]).fit()
+            finally:
+                if label != "alone":
+                    ray.shutdown()
+            rows = [json.loads(x) for x in (out / name / METRICS_FILE).read_text().splitlines()]
+            times[label].append(rows[-1]["time"] - rows[0]["time"])
+            print(f"  standalone run {label}: training {times[label][-1]:.1f} s", flush=True)
+    result = {"control_alone_train_s": statistics.median(times["alone"]),
+              "control_beside_idle_ray_train_s": statistics.median(times["beside idle Ray"])}
+    result["control_idle_ray_slowdown"] = result["control_beside_idle_ray_train_s"] / result["control_alone_train_s"] - 1
+    print(f"  beside an idle Ray with {args.idle_actors} idle actors the same standalone run trains "
+          f"{100 * result['control_idle_ray_slowdown']:+.1f} % longer (median of {args.repeats})", flush=True)
+    return result
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu-demo")
@@ -254,6 +294,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-train", action="store_true", help="skip the single-run and 1-vs-2-worker part")
+    ap.add_argument("--control", action="store_true",
+                    help="also run the standalone trainer alone and beside an idle Ray (see beside_idle_ray)")
+    ap.add_argument("--idle-actors", type=int, default=12, help="idle actors of the --control Ray")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating pairs of the --control experiment")
     return ap
 
 
@@ -271,6 +315,8 @@ def measure(args) -> dict[str, float]:
             results.update(sweep_overhead(args, Path(tmp) / "sweep"))
         if not args.skip_train:
             results.update(train_overhead(args, Path(tmp) / "train"))
+        if args.control:
+            results.update(beside_idle_ray(args, Path(tmp) / "control"))
     return results
 
 
