@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,11 +29,17 @@ def test_cpu_shares_split_the_window_between_training_and_the_rest():
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_cpu_shares_sees_this_process_burn_cpu():
-    with CpuShares(period=0.05) as cpu:
-        start = time.time()
-        while time.time() - start < 0.5:
-            sum(i * i for i in range(10_000))
-    shares = cpu.shares(start, time.time(), lambda pid, cmd: pid == os.getpid())
+def test_cpu_shares_sees_a_busy_process():
+    # A busy child, not a busy loop here: that would hold the GIL the sampling thread needs.
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with CpuShares(period=0.1) as cpu:
+            start = time.time()
+            time.sleep(1.5)
+            end = time.time()
+    finally:
+        busy.kill()
+        busy.wait()
+    shares = cpu.shares(start, end, lambda pid, cmd: pid == busy.pid)
     cpus = os.cpu_count() or 1
     assert shares["training"] > 0.5 / cpus  # a busy loop holds most of one core
