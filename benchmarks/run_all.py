@@ -154,10 +154,13 @@ def table(results: dict) -> list[tuple[str, str, str, str]]:
         if "sweep_overhead" in r:
             rows.append(("ray sweep overhead", f"{r['sweep_trials']:.0f} trials, {r['sweep_wall_s']:.0f} s sweep vs "
                          f"{r['standalone_sum_s']:.0f} s standalone", f"{r['sweep_overhead']:+.1%} whole, "
-                         f"{r['sweep_overhead_beyond_startup']:+.1%} beyond start-up", "< 10 % beyond start-up"))
+                         f"{r['sweep_overhead_beyond_startup']:+.1%} beyond start-up"
+                         + (f"; Ray's processes {r['sweep_cpu_others']:.0%} of the CPU while trials trained"
+                            if "sweep_cpu_others" in r else ""), "< 10 % beyond start-up"))
         if "train_overhead_beyond_startup" in r:
             rows.append(("ray train overhead", f"1 worker vs standalone, {r['standalone_wall_s']:.0f} s run",
-                         f"{r['train_overhead_beyond_startup']:+.1%} beyond start-up (ray.init {r['ray_init_s']:.1f} s)",
+                         f"{r['train_overhead_beyond_startup']:+.1%} beyond start-up (training alone "
+                         f"{r['train_overhead_training_only']:+.1%}; ray.init {r['ray_init_s']:.1f} s)",
                          "< 10 %"))
         if "two_vs_one_worker" in r:
             rows.append(("ray train workers", "2 x 1 CPU vs 1 x 2 CPUs", f"{r['two_vs_one_worker']:.2f}x img/s "
