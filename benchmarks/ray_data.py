@@ -25,6 +25,7 @@ import os
 import statistics
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def _augment_fn(dataset_dir: str, img_size: int, seed: int):
     cfg = DataConfig()
 
     def augment(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        # The row number in the split is not known to a Ray Data block; the id's digits are a per-sample key.
-        index = np.array([int(s.rsplit("/", 1)[-1]) for s in batch["id"]], np.int64)
+        # A Ray Data block does not know a row's number in the split; a hash of its id is a per-sample key.
+        index = np.array([zlib.crc32(str(i).encode()) for i in batch["id"]], np.int64)
         x = decode_augment(list(batch["image"]), np.zeros_like(index), index, img_size=img_size,
                            channels=manifest.channels, mean=manifest.mean, std=manifest.std,
                            crop_scale=cfg.crop_scale, hflip=cfg.hflip, seed=seed)

@@ -47,9 +47,10 @@ def steady_images_per_s(metrics_file: Path) -> float:
     return statistics.median(rates[1:] or rates)
 
 
-def _first_log(metrics_file: Path) -> float:
-    """Wall-clock time (Unix seconds) of a run's first logged step."""
-    return json.loads(metrics_file.read_text().splitlines()[0])["time"]
+def _log_span(metrics_file: Path) -> tuple[float, float]:
+    """Wall-clock times (Unix seconds) of a run's first and last logged steps."""
+    lines = metrics_file.read_text().splitlines()
+    return json.loads(lines[0])["time"], json.loads(lines[-1])["time"]
 
 
 class CpuShares:
@@ -115,8 +116,7 @@ def _timeline(name: str, metrics_file: Path, start: float, end: float, cpu: CpuS
               training: Callable[[int, str], bool]) -> dict[str, float]:
     """A run's start-up (start to first log), training (first to last log) and tail (last log to the
     return: final checkpoint, teardown), and how the machine's CPU was shared while it trained."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    first, last = rows[0]["time"], rows[-1]["time"]
+    first, last = _log_span(metrics_file)
     out = {f"{name}_startup_s": first - start, f"{name}_train_s": last - first, f"{name}_tail_s": end - last}
     shares = cpu.shares(first, last, training)
     if shares:
@@ -151,7 +151,7 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
         start_wall, start = time.time(), time.perf_counter()
         Trainer(cfg, [JsonlMetrics()]).fit()
         standalone.append(time.perf_counter() - start)
-        standalone_startup += _first_log(out / f"standalone-{t}" / METRICS_FILE) - start_wall
+        standalone_startup += _log_span(out / f"standalone-{t}" / METRICS_FILE)[0] - start_wall
         print(f"  standalone trial (teacher_temp {t}) {standalone[-1]:6.1f} s", flush=True)
 
     overrides = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in _overrides(args, out, "sweep")
@@ -272,8 +272,8 @@ def beside_idle_ray(args, out: Path) -> dict[str, float]:
             finally:
                 if label != "alone":
                     ray.shutdown()
-            rows = [json.loads(x) for x in (out / name / METRICS_FILE).read_text().splitlines()]
-            times[label].append(rows[-1]["time"] - rows[0]["time"])
+            first, last = _log_span(out / name / METRICS_FILE)
+            times[label].append(last - first)
             print(f"  standalone run {label}: training {times[label][-1]:.1f} s", flush=True)
     result = {"control_alone_train_s": statistics.median(times["alone"]),
               "control_beside_idle_ray_train_s": statistics.median(times["beside idle Ray"])}
