@@ -31,6 +31,7 @@ from click.testing import CliRunner
 from ray_nodes import RayNodes, jobs_api_status, node_env
 
 from orchestrator.cli import main
+from orchestrator.train import LOCAL_RAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPI = Path(sys.executable).with_name("capi")
@@ -68,6 +69,8 @@ def cli_ray(tiny_dataset, tmp_path_factory):
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):  # Ray's defaults
             mp.delenv(key, raising=False)
+        for key in LOCAL_RAY_ENV:  # set by _init_ray: restored afterwards
+            mp.delenv(key, raising=False)
         assert _init_ray(spec, None), "a Ray was already running in this process"
         try:
             yield f"http://{ray._private.worker.global_worker.node.address_info['webui_url']}", root
@@ -80,6 +83,18 @@ def test_local_ray_started_by_the_cli_requires_a_token(cli_ray):
     dashboard, home = cli_ray
     assert jobs_api_status(dashboard) == 401
     assert jobs_api_status(dashboard, (home / ".ray" / "auth_token").read_text().strip()) == 200
+
+
+def test_local_ray_workers_inherit_the_local_switches(cli_ray):
+    """Ray's processes (Train's controller among them) see LOCAL_RAY_ENV, e.g. no preemption watcher."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def environment(keys):
+        return {k: os.environ.get(k) for k in keys}
+
+    assert LOCAL_RAY_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert ray.get(environment.remote(list(LOCAL_RAY_ENV))) == LOCAL_RAY_ENV
 
 
 LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
@@ -122,8 +137,12 @@ def test_every_local_ray_the_orchestrator_starts_binds_its_dashboard_to_loopback
     """``capi train --workers`` starts its own Ray too; the fixture above runs only the sweep's."""
     calls = {f"{p.relative_to(ROOT)}:{line}": host for p in sorted((ROOT / "orchestrator").rglob("*.py"))
              for line, host in local_ray_inits(p.read_text())}
-    assert len(calls) >= 2, calls  # the sweep's and the trainer's
+    assert calls, calls
     assert {k: v for k, v in calls.items() if v != "127.0.0.1"} == {}
+    # The sweep and the trainer both start theirs through the one checked above.
+    for module in ("train.py", "sweep/tune.py"):
+        tree = ast.parse((ROOT / "orchestrator" / module).read_text())
+        assert any(isinstance(n, ast.Call) and ast.unparse(n.func) == "init_local_ray" for n in ast.walk(tree)), module
     assert local_ray_inits("import ray\nray.init(num_cpus=2)\nray.init(address='auto')") == [(2, None)]
 
 

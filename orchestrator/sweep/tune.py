@@ -545,6 +545,8 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
     """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
     import ray
 
+    from orchestrator.train import init_local_ray
+
     if ray.is_initialized():
         return False
     # A Ray job (`capi sweep submit`) runs this with RAY_ADDRESS set: join that cluster, since Ray
@@ -556,8 +558,8 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
         # need 2.02 logical CPUs, and with only 2 the second trial's workers never start.
         concurrent = spec.budget.max_concurrent_trials or 1
         cpus = max(os.cpu_count() or 1, math.ceil((per_trial + TRIAL_FN_CPU) * concurrent))
-        # The dashboard frees stopped trials' PGs (§0.2); on loopback, as its Jobs API runs any code.
-        ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+        # The dashboard frees stopped trials' PGs (§0.2).
+        init_local_ray(num_cpus=cpus, include_dashboard=True)
     else:
         import capi_core
         import orchestrator
