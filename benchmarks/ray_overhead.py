@@ -9,17 +9,19 @@ Measured on a local Ray, no GPU needed:
   wall times - 1, reported whole and "beyond start-up", i.e. without ``ray.init`` and each
   trial's worker-group start (measured from the trial's first logged step), which a longer
   sweep amortises. The default sizes make a sweep of about 5 minutes on 2 cores.
-* **train**: one run standalone, then as a Ray Train run with 1 worker holding every CPU (overhead
-  beyond start-up, both timed from their first logged step), then with 2 workers of one CPU each
-  (same global batch), compared by the trainer's steady-state images/s (median over log intervals
-  after the first).
+* **train**: alternating pairs (``--repeats``) of one run standalone and the same run as a Ray
+  Train run with 1 worker holding every CPU (overhead beyond start-up, both timed from their first
+  logged step; medians over the pairs), then 2 workers of one CPU each (same global batch),
+  compared by the trainer's steady-state images/s (median over log intervals after the first).
+  ``--threads 1`` on 2 cores leaves Ray's own processes a core of their own.
 
 * **control** (``--control``): the standalone run alone against the same run beside an idle
   local Ray with a dozen idle actors, alternately. It separates what Ray's mere presence costs a
   small machine from what running inside a Ray Train worker costs.
 
-    python benchmarks/ray_overhead.py                       # ~12 minutes on 2 cores
-    python benchmarks/ray_overhead.py --trial-steps 40      # a quick look (~2 minutes)
+    python benchmarks/ray_overhead.py                       # ~17 minutes on 2 cores
+    python benchmarks/ray_overhead.py --trial-steps 40      # a quick look (~4 minutes)
+    python benchmarks/ray_overhead.py --skip-sweep --threads 1 --repeats 3   # Ray with a spare core
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 from capi_core.config import build_config
 from capi_core.data import resolve_dataset
 from capi_core.train import JsonlMetrics, Trainer
-from orchestrator.train import METRICS_FILE, ScalingOptions, run_distributed
+from orchestrator.train import METRICS_FILE, ScalingOptions, init_local_ray, run_distributed
 
 
 def steady_images_per_s(metrics_file: Path) -> float:
@@ -136,7 +138,12 @@ def _describe(result: dict[str, float], name: str) -> str:
 def _overrides(args, out: Path, name: str) -> list[str]:
     return [f"data.dataset={args.dataset}", f"optim.steps={args.trial_steps}", f"optim.batch_size={args.batch}",
             f"run.log_every={args.log_every}", f"run.output_dir={out}", f"run.name={name}",
-            f"run.threads={os.cpu_count() or 1}", "data.loader_workers=0", "probe.every=0"]
+            f"run.threads={_threads(args)}", "data.loader_workers=0", "probe.every=0"]
+
+
+def _threads(args) -> int:
+    """The trainer's torch threads: ``--threads``, else every CPU."""
+    return args.threads or os.cpu_count() or 1
 
 
 def sweep_overhead(args, out: Path) -> dict[str, float]:
@@ -163,7 +170,7 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
         "search_space": {"loss.teacher_temp": {"grid": temps}},
         "search": {"algorithm": "grid", "metric": "probe/knn_top1", "mode": "max"},
         "budget": {"num_samples": args.trials, "max_concurrent_trials": 1},
-        "resources": {"workers": 1, "cpus_per_worker": os.cpu_count() or 1, "gpus_per_worker": 0},
+        "resources": {"workers": 1, "cpus_per_worker": _threads(args), "gpus_per_worker": 0},
     }))
     spec = load_sweep(sweep_file)
     start_wall, start = time.time(), time.perf_counter()
@@ -198,52 +205,77 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     return result
 
 
-def train_overhead(args, out: Path) -> dict[str, float]:
-    """One run standalone, then through Ray Train with 1 worker x all CPUs and 2 workers x 1 CPU each.
-
-    Overhead beyond start-up compares the time from the first logged step to the end (training,
-    reports, final probe and checkpoint, teardown); 1 vs 2 workers compares steady-state images/s.
-    """
-    import ray
-
-    cpus = os.cpu_count() or 1
-    result = {}
-    cfg = build_config(args.preset, _overrides(args, out, "standalone"))
+def _standalone_run(args, out: Path, name: str) -> dict[str, float]:
+    cfg = build_config(args.preset, _overrides(args, out, name))
     start_wall, start = time.time(), time.perf_counter()
     with CpuShares() as cpu:
         Trainer(cfg, [JsonlMetrics()]).fit()
-    result["standalone_wall_s"] = time.perf_counter() - start
-    result.update(_timeline("standalone", out / "standalone" / METRICS_FILE, start_wall, time.time(), cpu,
+    result = {"standalone_wall_s": time.perf_counter() - start}
+    result.update(_timeline("standalone", out / name / METRICS_FILE, start_wall, time.time(), cpu,
                             lambda pid, cmd: pid == os.getpid()))
-    result["standalone_images_per_s"] = steady_images_per_s(out / "standalone" / METRICS_FILE)
-    print(f"  standalone run {result['standalone_wall_s']:6.1f} s ({_describe(result, 'standalone')}), "
-          f"{result['standalone_images_per_s']:.0f} images/s", flush=True)
+    result["standalone_images_per_s"] = steady_images_per_s(out / name / METRICS_FILE)
+    print(f"  standalone, {_threads(args)} thread(s): {result['standalone_wall_s']:6.1f} s "
+          f"({_describe(result, 'standalone')}), {result['standalone_images_per_s']:.0f} images/s", flush=True)
+    return result
+
+
+def _ray_run(args, out: Path, name: str, workers: int, cpus_per_worker: int) -> dict[str, float]:
+    """One Ray Train run on a local Ray started for it, as ``capi train --workers`` starts one."""
+    import ray
+
+    key = f"ray-{workers}w"
     start = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
-    result["ray_init_s"] = time.perf_counter() - start
+    init_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)
+    result = {"ray_init_s": time.perf_counter() - start}
     try:
-        for workers in (1, 2):
-            name = f"ray-{workers}w"
-            cfg = build_config(args.preset, [*_overrides(args, out, name), f"run.threads={cpus // workers}"])
-            start_wall, start = time.time(), time.perf_counter()
-            with CpuShares() as cpu:
-                run_distributed(cfg, ScalingOptions(workers=workers, cpus_per_worker=cpus // workers,
-                                                    max_failures=0), tracking=None)
-            result[f"{name}_wall_s"] = time.perf_counter() - start
-            result.update(_timeline(name, out / name / METRICS_FILE, start_wall, time.time(), cpu, _ray_worker))
-            result[f"{name}_images_per_s"] = steady_images_per_s(out / name / METRICS_FILE)
-            print(f"  Ray Train, {workers} worker(s) x {cpus // workers} CPU: {result[f'{name}_wall_s']:6.1f} s "
-                  f"({_describe(result, name)}), {result[f'{name}_images_per_s']:.0f} images/s", flush=True)
+        cfg = build_config(args.preset, [*_overrides(args, out, name), f"run.threads={cpus_per_worker}"])
+        start_wall, start = time.time(), time.perf_counter()
+        with CpuShares() as cpu:
+            run_distributed(cfg, ScalingOptions(workers=workers, cpus_per_worker=cpus_per_worker, max_failures=0),
+                            tracking=None)
+        result[f"{key}_wall_s"] = time.perf_counter() - start
+        result.update(_timeline(key, out / name / METRICS_FILE, start_wall, time.time(), cpu, _ray_worker))
+        result[f"{key}_images_per_s"] = steady_images_per_s(out / name / METRICS_FILE)
     finally:
         ray.shutdown()
-    rest = result["standalone_wall_s"] - result["standalone_startup_s"]
-    result["train_overhead_beyond_startup"] = (result["ray-1w_wall_s"] - result["ray-1w_startup_s"]) / rest - 1
-    result["two_vs_one_worker"] = result["ray-2w_images_per_s"] / result["ray-1w_images_per_s"]
-    result["train_overhead_training_only"] = result["ray-1w_train_s"] / result["standalone_train_s"] - 1
-    print(f"  Ray Train (1 worker) vs standalone beyond start-up: {100 * result['train_overhead_beyond_startup']:+.1f} % "
-          f"(target < 10 %), of which training alone {100 * result['train_overhead_training_only']:+.1f} %; "
-          f"ray.init {result['ray_init_s']:.1f} s; 2 workers vs 1: "
-          f"{result['two_vs_one_worker']:.2f}x images/s", flush=True)
+    print(f"  Ray Train, {workers} worker(s) x {cpus_per_worker} CPU: {result[f'{key}_wall_s']:6.1f} s "
+          f"({_describe(result, key)}), {result[f'{key}_images_per_s']:.0f} images/s", flush=True)
+    return result
+
+
+def train_overhead(args, out: Path) -> dict[str, float]:
+    """``args.repeats`` alternating pairs of one run standalone and the same run through Ray Train with
+    1 worker of ``--threads`` CPUs (medians over the pairs), then 2 workers of half the CPUs each.
+
+    Overhead beyond start-up compares the time from the first logged step to the end (training,
+    reports, final probe and checkpoint, teardown); 1 vs 2 workers compares steady-state images/s.
+    Each Ray run starts its own local Ray, so that none is running beside a standalone run.
+    """
+    cpus, threads = os.cpu_count() or 1, _threads(args)
+    pairs = []
+    for i in range(args.repeats):
+        pair = {}
+        for kind in ("standalone", "ray") if i % 2 == 0 else ("ray", "standalone"):
+            pair.update(_standalone_run(args, out, f"standalone-{i}") if kind == "standalone"
+                        else _ray_run(args, out, f"ray-1w-{i}", 1, threads))
+        rest = pair["standalone_wall_s"] - pair["standalone_startup_s"]
+        pair["train_overhead_beyond_startup"] = (pair["ray-1w_wall_s"] - pair["ray-1w_startup_s"]) / rest - 1
+        pair["train_overhead_training_only"] = pair["ray-1w_train_s"] / pair["standalone_train_s"] - 1
+        print(f"  pair {i + 1}: Ray Train {100 * pair['train_overhead_beyond_startup']:+.1f} % beyond start-up, "
+              f"training alone {100 * pair['train_overhead_training_only']:+.1f} %", flush=True)
+        pairs.append(pair)
+    result = {k: statistics.median(p[k] for p in pairs) for k in pairs[0]}
+    result["threads"], result["pairs"] = threads, args.repeats
+    if cpus >= 2:
+        two = _ray_run(args, out, "ray-2w", 2, cpus // 2)
+        result.update({k: v for k, v in two.items() if k != "ray_init_s"})
+        result["two_vs_one_worker"] = result["ray-2w_images_per_s"] / result["ray-1w_images_per_s"]
+    spare = f"; Ray's processes have {cpus - threads} spare core(s)" if threads < cpus else ""
+    print(f"  Ray Train (1 worker x {threads} CPU) vs standalone beyond start-up, median of {args.repeats}: "
+          f"{100 * result['train_overhead_beyond_startup']:+.1f} % (target < 10 %), of which training alone "
+          f"{100 * result['train_overhead_training_only']:+.1f} %; ray.init {result['ray_init_s']:.1f} s{spare}"
+          + (f"; 2 workers vs 1: {result['two_vs_one_worker']:.2f}x images/s" if "two_vs_one_worker" in result
+             else ""), flush=True)
     return result
 
 
@@ -297,7 +329,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--control", action="store_true",
                     help="also run the standalone trainer alone and beside an idle Ray (see beside_idle_ray)")
     ap.add_argument("--idle-actors", type=int, default=12, help="idle actors of the --control Ray")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating pairs of the --control experiment")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="alternating standalone / Ray pairs of the single-run part and of --control")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="the trainer's torch threads (default: every CPU); fewer leave Ray's own processes "
+                         "a spare core, which shows what Ray costs when it does not compete with the trainer")
     return ap
 
 

@@ -114,7 +114,8 @@ def bench_data(quick: bool) -> dict:
 def bench_ray(quick: bool, repeats: int) -> dict:
     import ray_overhead
 
-    args = ray_overhead.parser().parse_args(["--trial-steps", "40" if quick else "400"])
+    # One standalone / Ray pair per measure(): the repeats alternate whole measurements instead.
+    args = ray_overhead.parser().parse_args(["--trial-steps", "40" if quick else "400", "--repeats", "1"])
     runs = [ray_overhead.measure(args) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]} | {"repeats": repeats}
 
