@@ -225,7 +225,7 @@ def _ray_run(args, out: Path, name: str, workers: int, cpus_per_worker: int) -> 
 
     key = f"ray-{workers}w"
     start = time.perf_counter()
-    init_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)
+    init_local_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)  # as capi train starts one
     result = {"ray_init_s": time.perf_counter() - start}
     try:
         cfg = build_config(args.preset, [*_overrides(args, out, name), f"run.threads={cpus_per_worker}"])

@@ -73,6 +73,17 @@ def test_unreachable_server_is_reported_before_training(tmp_path):
     assert not (tmp_path / "capi").exists()  # nothing started
 
 
+def test_a_file_store_mlflow_refuses_is_reported_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = (tmp_path / "mlruns").as_uri()
+    result = CliRunner().invoke(main, ["train", "--preset", "cpu-tiny", f"run.output_dir={tmp_path}",
+                                       "--tracking-uri", store])
+    assert result.exit_code != 0 and "MLFLOW_ALLOW_FILE_STORE=true" in result.output, result.output
+    assert not (tmp_path / "capi").exists()  # nothing started
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_reachable(store)  # allowed again: MLflow's own switch
+
+
 # ------------------------------------------------------------------------------ a real server
 def test_standalone_run_is_tracked_and_resumed_into_the_same_run(mlflow_server, tiny_dataset, tmp_path):
     c = client(mlflow_server)
