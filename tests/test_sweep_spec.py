@@ -439,8 +439,9 @@ def test_missing_dataset_stops_a_local_sweep_before_ray(tmp_path, monkeypatch):
     missing = tmp_path / "no-such-dataset"
     file = write(tmp_path, MINIMAL.replace("overrides: {probe.every: 5}",
                                            f"overrides: {{probe.every: 5, data.dataset: '{missing}'}}") +
-                 f"storage: {tmp_path / 'sweeps'}\nmlflow: {{tracking_uri: {tmp_path / 'mlruns'}}}\n", "s.yaml")
+                 f"storage: {tmp_path / 'sweeps'}\nmlflow: {{tracking_uri: 'sqlite:///{tmp_path / 'm.db'}'}}\n",
+                 "s.yaml")
     result = CliRunner().invoke(main, ["sweep", "run", str(file)])
     assert result.exit_code != 0
     assert "base data.dataset" in result.output and str(missing) in result.output
-    assert not (tmp_path / "sweeps" / "t").exists()
+    assert not (tmp_path / "sweeps" / "t").exists() and not (tmp_path / "m.db").exists()
