@@ -403,12 +403,20 @@ def test_pbt_sweep_reports_pointer_checkpoints_and_finishes(ray_local, mlflow_se
     assert len(children) == 2 and all(r.info.status == "FINISHED" for r in children), [
         (r.data.tags[TRIAL_TAG], r.info.status, r.data.tags.get("capi.error")) for r in children]
     directory = sweep_dir(tmp_path / "sweeps", "pbt")
-    for trial_dir in directory.glob("trial_*"):
-        pointers = [json.loads(p.read_text()) for p in sorted(trial_dir.glob(f"checkpoint_*/{POINTER}"))]
+    for run in children:
+        trial_id = run.data.tags[TRIAL_TAG]
+        (trial_dir,) = directory.glob(f"trial_*{trial_id}*")
+        files = sorted(trial_dir.glob(f"checkpoint_*/{POINTER}"))
+        pointers = [json.loads(p.read_text()) for p in files]
         assert pointers  # a probe step is also a checkpoint step, so probes came with pointers
         assert all(Path(p["checkpoint"]).parent.name == "checkpoints" for p in pointers)
-        assert Path(pointers[-1]["checkpoint"]).name == "step-0000015"
-        assert Path(pointers[-1]["checkpoint"]).is_dir() and pointers[-1]["trial_id"] in trial_dir.name
+        assert Path(pointers[-1]["checkpoint"]).is_dir() and pointers[-1]["trial_id"] == trial_id
+        # The last step came with a pointer, unless the trial's last exploit handed it a donor's final
+        # checkpoint: then it reports the donor's metrics and trains no more (seen once on 2 cores).
+        exploits = json.loads(run.data.tags.get(EXPLOITS_TAG, "[]"))
+        if not (exploits and exploits[-1].endswith("@step-0000015")):
+            assert Path(pointers[-1]["checkpoint"]).name == "step-0000015", (exploits, [
+                (f.parent.name, p["run_name"], Path(p["checkpoint"]).name) for f, p in zip(files, pointers)])
     for run in children:
         for exploit in json.loads(run.data.tags.get(EXPLOITS_TAG, "[]")):  # an exploit, if one happened
             donor, step = exploit.split("@")
