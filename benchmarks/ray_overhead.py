@@ -154,12 +154,9 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     temps = [round(0.04 + 0.02 * i, 3) for i in range(args.trials)]
     standalone, standalone_startup = [], 0.0
     for t in temps:
-        cfg = build_config(args.preset, [*_overrides(args, out, f"standalone-{t}"), f"loss.teacher_temp={t}"])
-        start_wall, start = time.time(), time.perf_counter()
-        Trainer(cfg, [JsonlMetrics()]).fit()
-        standalone.append(time.perf_counter() - start)
-        standalone_startup += _log_span(out / f"standalone-{t}" / METRICS_FILE)[0] - start_wall
-        print(f"  standalone trial (teacher_temp {t}) {standalone[-1]:6.1f} s", flush=True)
+        run = _standalone_run(args, out, f"standalone-{t}", [f"loss.teacher_temp={t}"])
+        standalone.append(run["standalone_wall_s"])
+        standalone_startup += run["standalone_startup_s"]
 
     overrides = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in _overrides(args, out, "sweep")
                  if not o.startswith(("run.output_dir", "run.name"))}
@@ -205,8 +202,9 @@ def sweep_overhead(args, out: Path) -> dict[str, float]:
     return result
 
 
-def _standalone_run(args, out: Path, name: str) -> dict[str, float]:
-    cfg = build_config(args.preset, _overrides(args, out, name))
+def _standalone_run(args, out: Path, name: str, extra: tuple[str, ...] | list[str] = ()) -> dict[str, float]:
+    """One run in this process, timed as ``_timeline`` describes; ``extra``: more overrides."""
+    cfg = build_config(args.preset, [*_overrides(args, out, name), *extra])
     start_wall, start = time.time(), time.perf_counter()
     with CpuShares() as cpu:
         Trainer(cfg, [JsonlMetrics()]).fit()

@@ -111,12 +111,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"MLflow server {safe_uri(uri)} is not reachable ({reason}); start it, "
                                 f"or pass another --tracking-uri") from None
     elif parsed.scheme in ("sqlite", "file"):
-        if parsed.scheme == "file":
-            from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 
-            if not MLFLOW_ALLOW_FILE_STORE.get():  # else MLflow raises it deep inside the first call
-                raise TrackingError(f"MLflow store {uri}: this MLflow refuses file stores unless "
-                                    f"MLFLOW_ALLOW_FILE_STORE=true; use a sqlite:///PATH.db store or a server")
+        if parsed.scheme == "file" and not MLFLOW_ALLOW_FILE_STORE.get():  # else MLflow raises deep inside
+            raise TrackingError(f"MLflow store {uri}: this MLflow refuses file stores unless "
+                                f"MLFLOW_ALLOW_FILE_STORE=true; use a sqlite:///PATH.db store or a server")
         path = Path(unquote(uri[len("sqlite:///"):])) if parsed.scheme == "sqlite" else Path(unquote(parsed.path))
         folder = path.parent if parsed.scheme == "sqlite" else path
         while not folder.exists():  # the store may create missing folders below an existing one
