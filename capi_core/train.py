@@ -28,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 from capi_core import checkpoint as ckpt
 from capi_core.config import TrainConfig
 from capi_core.data import resolve_dataset
-from capi_core.data.reader import load_split, train_batches
+from capi_core.data.reader import train_batches
+from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
 from capi_core.models.heads import ClusteringHead
@@ -141,6 +142,8 @@ class Trainer:
                                                       lr=optim.lr * config.clustering.lr_ratio, betas=optim.betas,
                                                       weight_decay=config.clustering.weight_decay, fused=fused)
         self.schedules = Schedules.from_config(config)
+        self._probe_set: ProbeSet | None = None
+        self._baseline: float | None = None
         self.step = 0
         if resume is not None:
             self._resume(resume)
@@ -266,14 +269,14 @@ class Trainer:
                 metrics = self._metrics(out, images_seen / max(elapsed, 1e-9))
                 t0, images_seen = time.perf_counter(), 0
                 if cfg.probe.every and self.step % cfg.probe.every == 0 and not last:
-                    metrics["probe/knn_top1"] = self.probe(dataset_dir)
+                    metrics.update(self.probe(dataset_dir))
                 for cb in self.callbacks:
                     cb.on_log(self, self.step, metrics)
             periodic = cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0
             if periodic and not last:
                 self._checkpoint(metrics)
         metrics = dict(metrics)
-        metrics["probe/knn_top1"] = self.probe(dataset_dir)
+        metrics.update(self.probe(dataset_dir))
         self._checkpoint(metrics)
         for cb in self.callbacks:
             cb.on_end(self, self.step, metrics)
@@ -308,22 +311,22 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- probe
     @torch.no_grad()
-    def probe(self, dataset_dir: Path) -> float:
-        """Weighted k-NN top-1 (%) of the EMA teacher's mean-pooled patch features on a small subset."""
-        from capi_core.eval.features import pooled_features
-        from capi_core.eval.knn import knn_top1
+    def probe(self, dataset_dir: Path) -> dict[str, float]:
+        """The online probe: weighted k-NN top-1 (%) of the EMA teacher's mean-pooled patch features on a
+        fixed probe set, the same architecture at its seeded random init (cached on disk) and the gain."""
+        p = self.config.probe
+        if self._probe_set is None:
+            self._probe_set = online_probe_set(dataset_dir, self.config.model.img_size, p)
+        if self._baseline is None:
+            self._baseline = random_init_knn(self.config, self._probe_set, self.config.data.cache_dir,
+                                             self.device, self.autocast_dtype).knn_top1
+        trained = knn_score(self.teacher.encoder, self._probe_set, p.k, p.temperature, self.autocast_dtype)
+        return probe_metrics(trained, self._baseline)
 
-        p, img = self.config.probe, self.config.model.img_size
-        if not hasattr(self, "_probe_data"):
-            train_x, train_y = load_split(dataset_dir, "train", img, limit=p.train_images, seed=0)
-            test_split = "test" if "test" in _splits(dataset_dir) else "train"
-            test_x, test_y = load_split(dataset_dir, test_split, img, limit=p.test_images, seed=1)
-            self._probe_data = (train_x, train_y, test_x, test_y)
-        train_x, train_y, test_x, test_y = self._probe_data
-        encoder = self.teacher.encoder
-        f_train = pooled_features(encoder, train_x)
-        f_test = pooled_features(encoder, test_x)
-        return knn_top1(f_train, train_y, f_test, test_y, k=p.k, temperature=p.temperature)
+    @property
+    def probe_set(self) -> ProbeSet | None:
+        """The probe images once the first probe has loaded them (their description names the set)."""
+        return self._probe_set
 
     # -------------------------------------------------------------------------------- checkpoints
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -374,8 +377,3 @@ class Trainer:
         self.metadata = {**self.metadata, **state.get("metadata", {})}  # e.g. the saved MLflow run id wins
         self.resumed_from = target
 
-
-def _splits(dataset_dir: Path) -> set[str]:
-    from capi_core.data.format import load_manifest
-
-    return set(load_manifest(dataset_dir).splits)

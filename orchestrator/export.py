@@ -137,8 +137,14 @@ def model_card(cfg: dict[str, Any], config: TrainConfig) -> str:
     if source.get("metric") is not None:
         lines += ["", f"Selected as the {source.get('mode', 'max')} of `{source['metric']}` "
                       f"({source.get('value'):.4g} in MLflow)."]
-    lines += ["", "`probe/knn_top1` is the online weighted k-NN top-1 (%) on small labelled subsets of the "
-                  "training data, a cheap proxy, not a benchmark result.", "", "## Data", ""]
+    if "probe/knn_gain" in metrics:
+        lines += ["", f"Against the same architecture at its seeded random initialisation, on the same probe "
+                      f"images: k-NN {metrics['probe/knn_top1']:.1f} % trained, "
+                      f"{metrics['probe/knn_random_init']:.1f} % untrained, a gain of "
+                      f"**{metrics['probe/knn_gain']:+.1f} points** (`probe/knn_gain`)."]
+    lines += ["", "`probe/knn_top1` is the online weighted k-NN top-1 (%) of mean-pooled patch features on fixed "
+                  "labelled subsets of the dataset, a cheap proxy, not a benchmark result; "
+                  "`probe/knn_random_init` is the same probe of the untrained network.", "", "## Data", ""]
     if "name" in data:
         splits = ", ".join(f"{k}: {v}" for k, v in data["splits"].items())
         lines += [f"Dataset `{data['name']}` ({data['name_or_path']}), split `{data['split']}`; images per split: "

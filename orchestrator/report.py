@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.sweep.spec import SweepSpec
-from orchestrator.sweep.tune import TRIAL_TAG, TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, trial_rows
+from orchestrator.sweep.tune import (TRIAL_TAG, TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run,
+                                     noise_note, trial_rows)
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
 INDEX = "index.html"
@@ -225,19 +226,23 @@ def render(spec: SweepSpec, state: SweepState, trials: list[TrialReport], pictur
     e = html.escape
     best = best_trial([t.row for t in trials], spec.search.mode)
     params = list(spec.search_space)
-    head = ["trial", "status", *params, f"best {spec.search.metric}", "last", "probes", "step", "registers",
+    head = ["trial", "status", *params, f"best {spec.search.metric}", "gain", "last", "probes", "step", "registers",
             "high-norm tokens", "MLflow run", "note"]
     rows = []
     for t in trials:
         r = t.row
         cells = [r.trial_id + (" (best)" if best and r.trial_id == best.trial_id else ""), r.status,
-                 *[r.params.get(p, "") for p in params], _num(r.metric), _num(r.last), r.probe_evals, r.step or "",
+                 *[r.params.get(p, "") for p in params], _num(r.metric),
+                 "" if r.gain is None else f"{r.gain:+.1f}", _num(r.last), r.probe_evals, r.step or "",
                  "" if t.registers is None else t.registers,
                  "" if t.high_norm is None else f"{100 * t.high_norm:.2f}%", t.run_id or "",
                  t.note or (r.error or "")]
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
     summary = (f"best: trial {e(best.trial_id)} with {e(spec.search.metric)} = {best.metric:.4g} "
                f"({e(json.dumps(best.params))})" if best else "no trial reported the metric yet")
+    if best is not None and best.gain is not None:
+        summary += f", {best.gain:+.1f} k-NN points over the same network at random init"
+    noise = noise_note(spec)
     missing = [t.row.trial_id for t in trials if t.high_norm is None]
     figures = "\n".join(f'<figure><img src="{e(p.name)}" alt="{e(p.stem)}"></figure>' for p in pictures)
     return f"""<!doctype html>
@@ -247,6 +252,8 @@ td,th{{border:1px solid #ccc;padding:3px 6px}}figure{{display:inline-block;margi
 <body><h1>Sweep {e(spec.name)}</h1>
 <p>{len(trials)} trials, {e(spec.search.algorithm)} search for the {e(spec.search.mode)} of
 {e(spec.search.metric)}, scheduler {e(spec.scheduler.type)}. {summary}.</p>
+<p>Gain: probe/knn_gain, a trial's k-NN top-1 minus that of the same architecture at its seeded random
+initialisation on the same probe images. {e(noise[0].upper() + noise[1:]) + '.' if noise else ''}</p>
 <p>MLflow: {e(safe_uri(state.tracking_uri))}, experiment {e(state.experiment)},
 parent run {e(state.parent_run_id)}.</p>
 <h2>Trials</h2>

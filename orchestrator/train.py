@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig
+from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.tracking import MlflowTracking, TrackingOptions
 
@@ -91,7 +92,7 @@ class RayReport(Callback):
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         import ray.train
 
-        if "probe/knn_top1" in metrics or self._due(trainer):
+        if PROBE_METRIC in metrics or self._due(trainer):
             ray.train.report({"step": step, **metrics})
             self._last = time.monotonic()
 
@@ -145,11 +146,13 @@ def _quiet_report_logs() -> None:
 
 
 def metrics_summary(metrics: dict[str, float]) -> str:
-    """``capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2%`` for a progress line."""
+    """``capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2% (+4.1 over random init)``."""
     line = (f"capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
             f"  H(T) {metrics['train/target_entropy']:.2f}  {metrics['train/images_per_s']:.0f} img/s")
-    if "probe/knn_top1" in metrics:
-        line += f"  knn {metrics['probe/knn_top1']:.1f}%"
+    if PROBE_METRIC in metrics:
+        line += f"  knn {metrics[PROBE_METRIC]:.1f}%"
+    if "probe/knn_gain" in metrics:
+        line += f" ({metrics['probe/knn_gain']:+.1f} over random init)"
     return line
 
 

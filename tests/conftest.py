@@ -18,6 +18,10 @@ from pathlib import Path
 
 import pytest
 
+# The trainer caches random-init probe baselines under the CAPI cache; the suite keeps its own, so it
+# neither reads a developer's entries nor leaves files in the real home directory.
+os.environ.setdefault("CAPI_CACHE_DIR", tempfile.mkdtemp(prefix="capi-test-cache-"))
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _forget_ray_auth_token():

@@ -82,10 +82,11 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
     return model.to(dev), config, torch.bfloat16 if use_bf16(precision, dev) else None
 
 
-def _load_data(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
-    """Labelled train and test images for the encoder's input size; dataset problems name the dataset."""
+def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
+    """(name, labelled train and test images for the encoder's input size as a ``ProbeSet``); dataset
+    problems name the dataset."""
     from capi_core.data import DatasetError, load_manifest, resolve_dataset
-    from capi_core.data.reader import load_split
+    from capi_core.eval.online_probe import load_probe_set
 
     name = dataset or config.data.dataset
     try:
@@ -103,10 +104,7 @@ def _load_data(dataset: str | None, config, limit_train: int, limit_test: int, s
     if manifest.channels != config.model.in_chans:
         raise click.ClickException(f"dataset {name!r} has {manifest.channels}-channel images but the checkpoint's "
                                    f"model takes {config.model.in_chans} (model.in_chans)")
-    img = config.model.img_size
-    train = load_split(path, "train", img, limit=limit_train or None, seed=seed)
-    test = load_split(path, "test", img, limit=limit_test or None, seed=seed + 1)
-    return name, manifest, train, test
+    return name, load_probe_set(path, config.model.img_size, limit_train or None, limit_test or None, seed=seed)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -185,8 +183,8 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
             if not console.is_terminal:  # no live spinner (CI, logs): one line per stage instead
                 console.print(message)
 
-        name, manifest, (train_x, train_y), (test_x, test_y) = _load_data(dataset, config, limit_train,
-                                                                          limit_test, seed)
+        name, probe_set = _load_probe_set(dataset, config, limit_train, limit_test, seed)
+        train_x, train_y, test_x, test_y = probe_set.train_x, probe_set.train_y, probe_set.test_x, probe_set.test_y
         stage(f"features of {len(train_x)} train and {len(test_x)} test images")
         train_tokens = extract_features(encoder, train_x, batch_size=batch_size, autocast_dtype=autocast).final
         test_tokens = extract_features(encoder, test_x, batch_size=batch_size, autocast_dtype=autocast).final
@@ -216,6 +214,16 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
         for r in results:
             console.print(f"{r.probe}: " + ("n/a" if r.top1 is None else f"{r.top1:.2f}%"))
         report["probes"] = [r.to_dict() for r in results]
+        if "knn" in probes and not random_init:  # the online probe's baseline, on these images
+            from capi_core.eval.online_probe import random_init_knn
+
+            stage("k-NN of the same architecture at its seeded random init")
+            knn = next(r for r in results if r.probe == "knn")
+            base = random_init_knn(config, probe_set, config.data.cache_dir, next(encoder.parameters()).device,
+                                   autocast, int(knn.selected["k"]), protocol.knn_temperature)
+            report["knn_random_init"] = base.knn_top1
+            report["knn_gain"] = knn.top1 - base.knn_top1
+            console.print(f"knn at random init: {base.knn_top1:.2f}% (gain {report['knn_gain']:+.2f} points)")
         del train_tokens, test_tokens
 
         if diagnostics:
@@ -252,6 +260,9 @@ def _print_table(report: dict, results) -> None:
                       "" if r.params is None else f"{r.params:,}")
     console = Console()
     console.print(table)
+    if "knn_gain" in report:
+        console.print(f"knn: {report['knn_gain']:+.2f} points over the same architecture at its seeded random init "
+                      f"({report['knn_random_init']:.2f}%), same images")
     diag = report.get("diagnostics")
     if diag:
         o = diag["outliers"]
@@ -281,10 +292,12 @@ def knn(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     """
     from capi_core.eval.features import pooled_features
     from capi_core.eval.knn import knn_top1
+    from capi_core.eval.online_probe import random_init_knn
 
     model, config, autocast = _load_model(checkpoint, which, random_init, seed, device, precision)
     source = model if pool == "predictor" else model.encoder
-    name, _, (train_x, train_y), (test_x, test_y) = _load_data(dataset, config, limit_train, limit_test, seed)
+    name, probe_set = _load_probe_set(dataset, config, limit_train, limit_test, seed)
+    train_x, train_y, test_x, test_y = probe_set.train_x, probe_set.train_y, probe_set.test_x, probe_set.test_y
     k = k or config.probe.k
     temperature = temperature or config.probe.temperature
     click.echo(f"features of {len(train_x)} train and {len(test_x)} test images", err=True)
@@ -294,3 +307,8 @@ def knn(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     what = "random init" if random_init else which
     click.echo(f"knn_top1 {top1:.2f}%  ({checkpoint}, {what}; {pool} pooling; {name}: {len(train_x)} train / "
                f"{len(test_x)} test; k={k}, T={temperature:g})")
+    if pool == "mean" and not random_init:
+        device_ = next(model.parameters()).device
+        base = random_init_knn(config, probe_set, config.data.cache_dir, device_, autocast, k, temperature)
+        click.echo(f"knn_random_init {base.knn_top1:.2f}%  (the same architecture at its seeded random init, "
+                   f"same images{', cached' if base.cached else ''}); knn_gain {top1 - base.knn_top1:+.2f} points")

@@ -141,7 +141,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
 def status(name: str, storage: Path | None) -> None:
     """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
-    from orchestrator.sweep.tune import SweepError, load_sweep_run, trial_rows
+    from orchestrator.sweep.tune import SweepError, load_sweep_run, noise_note, trial_rows
     from orchestrator.tracking import safe_uri
 
     try:
@@ -149,7 +149,7 @@ def status(name: str, storage: Path | None) -> None:
     except SweepError as err:
         raise click.ClickException(str(err)) from None
     rows = trial_rows(directory, spec)
-    _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows)
+    _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows, noise_note(spec))
     click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
                f"at {safe_uri(state.tracking_uri)}")
 
@@ -209,18 +209,18 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
         click.echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
 
 
-def _print_trials(metric: str, mode: str, params: list[str], rows) -> None:
+def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
     from orchestrator.sweep.tune import best_trial
 
     best = best_trial(rows, mode)
-    table = Table("trial", "status", *params, f"best {metric}", "last", "probes", "step")
+    table = Table("trial", "status", *params, f"best {metric}", "gain", "last", "probes", "step")
     for r in rows:
         style = "bold green" if best is not None and r.trial_id == best.trial_id else None
         table.add_row(r.trial_id, r.status + (f": {r.error}" if r.error else ""),
-                      *[str(r.params.get(p, "")) for p in params], _num(r.metric), _num(r.last),
+                      *[str(r.params.get(p, "")) for p in params], _num(r.metric), _signed(r.gain), _num(r.last),
                       str(r.probe_evals), str(r.step or ""), style=style)
     import sys
 
@@ -228,7 +228,15 @@ def _print_trials(metric: str, mode: str, params: list[str], rows) -> None:
     console.print(table)
     if best is not None:
         values = ", ".join(f"{k}={v}" for k, v in best.params.items())
-        console.print(f"best: trial {best.trial_id} ({values}) with {metric} {best.metric:.4g}")
+        gain = f" ({best.gain:+.1f} points over random init)" if best.gain is not None else ""
+        console.print(f"best: trial {best.trial_id} ({values}) with {metric} {best.metric:.4g}{gain}")
+    console.print("gain: probe/knn_gain, the trial's k-NN minus the same network's at random init, same probe set")
+    if noise:
+        console.print(noise)
+
+
+def _signed(value) -> str:
+    return "" if value is None else f"{value:+.1f}"
 
 
 def _num(value) -> str:
@@ -242,7 +250,7 @@ def _finish(outcome, do_export: bool) -> None:
     from orchestrator.tracking import safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
-    _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials)
+    _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise)
     state, best, out = outcome.state, outcome.best, outcome.path / "export"
     if outcome.unfinished:
         click.secho(f"{len(outcome.unfinished)} trial(s) unfinished (interrupted or out of time): continue with "

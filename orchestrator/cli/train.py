@@ -156,4 +156,6 @@ def _train_standalone(config, track, resume) -> None:
 def _echo_done(step, metrics: dict) -> None:
     nan = float("nan")
     click.echo(f"done: step {step}, capi_loss {metrics.get('train/capi_loss', nan):.4f}, "
-               f"k-NN top-1 {metrics.get('probe/knn_top1', nan):.2f}% on the probe subset")
+               f"k-NN top-1 {metrics.get('probe/knn_top1', nan):.2f}% on the probe set, "
+               f"{metrics.get('probe/knn_gain', nan):+.2f} points over the same network at random init "
+               f"({metrics.get('probe/knn_random_init', nan):.2f}%)")

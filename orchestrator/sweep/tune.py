@@ -108,6 +108,8 @@ class TrialRow:
     probe_evals: int  # reports seen
     step: int | None  # training step of the last report
     error: str | None = None
+    gain: float | None = None  # probe/knn_gain (points over random init) in the report with the best metric
+    random_init: float | None = None  # probe/knn_random_init: the same network untrained, same probe set
 
 
 @dataclass
@@ -118,6 +120,7 @@ class SweepOutcome:
     metric: str
     mode: str
     trials: list[TrialRow] = field(default_factory=list)
+    noise: str | None = None  # which probe set, and the difference below which scores are noise
 
     @property
     def best(self) -> TrialRow | None:
@@ -709,7 +712,7 @@ def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOut
                                      "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", repr(err)))
         raise
     outcome = SweepOutcome(name=spec.name, path=directory, state=state, metric=spec.search.metric,
-                           mode=spec.search.mode, trials=trial_rows(directory, spec))
+                           mode=spec.search.mode, trials=trial_rows(directory, spec), noise=noise_note(spec))
     _quiet(lambda: log_summary(outcome))
     return outcome
 
@@ -728,6 +731,8 @@ def log_summary(outcome: SweepOutcome) -> None:
     now = int(time.time() * 1000)
     metrics = [Metric(f"sweep/trials_{k.lower()}", float(v), now, 0) for k, v in counts.items()]
     tags = [RunTag("capi.trials", json.dumps(counts))]
+    if outcome.noise:
+        tags.append(RunTag("capi.probe_noise", outcome.noise))
     best = outcome.best
     if best is not None:
         metrics.append(Metric(f"best/{outcome.metric}", float(best.metric), now, 0))
@@ -739,6 +744,20 @@ def log_summary(outcome: SweepOutcome) -> None:
     client.log_dict(state.parent_run_id, [asdict(r) for r in outcome.trials], "trials.json")
     failed = bool(outcome.trials) and all(r.status == "ERROR" for r in outcome.trials)
     client.set_terminated(state.parent_run_id, "FAILED" if failed else "KILLED" if outcome.unfinished else "FINISHED")
+
+
+def noise_note(spec: SweepSpec) -> str | None:
+    """Which probe set the trials were scored on and the difference below which their scores are
+    noise, for the table's footer and the parent run; None if the dataset cannot be read here."""
+    from capi_core.data import DatasetError, resolve_dataset
+    from capi_core.eval.online_probe import probe_noise
+
+    cfg = spec.base_config
+    try:
+        return probe_noise(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size,
+                           cfg.probe).sentence()
+    except (DatasetError, OSError):
+        return None
 
 
 # ------------------------------------------------------------------------------ reading storage
@@ -757,8 +776,10 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
     for trial_id, trial_dir in sorted(trial_dirs.items()):
         params = _read_json(trial_dir / "params.json") or {}
         results = _read_results(trial_dir / "result.json")
-        values = [r[spec.search.metric] for r in results if isinstance(r.get(spec.search.metric), (int, float))]
+        scored = [r for r in results if isinstance(r.get(spec.search.metric), (int, float))]
+        values = [r[spec.search.metric] for r in scored]
         pick = max if spec.search.mode == "max" else min
+        best_result = pick(scored, key=lambda r: r[spec.search.metric]) if scored else {}
         status = states[trial_id][0] if trial_id in states else "PENDING" if not results else "TERMINATED"
         evals = int(results[-1].get(PROBE_EVALS, 0)) if results else 0
         if status == "TERMINATED" and evals < spec.reports_per_trial():
@@ -769,7 +790,8 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
                              params={k: params[k] for k in spec.search_space if k in params},
                              metric=pick(values) if values else None, last=values[-1] if values else None,
                              probe_evals=evals, step=results[-1].get("step") if results else None,
-                             error=error[0] if error else None))
+                             error=error[0] if error else None, gain=best_result.get("probe/knn_gain"),
+                             random_init=best_result.get("probe/knn_random_init")))
     return rows
 
 

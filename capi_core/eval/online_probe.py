@@ -1,0 +1,170 @@
+"""The trainer's online probe, with the random-init baseline every score is read against.
+
+A k-NN accuracy means little alone: on Fashion-MNIST an untrained ViT already reaches 57-69 % (it
+depends on the patch size), so a sweep that ranks trials by the raw score can crown noise. Every
+probe therefore also scores the same architecture at its seeded random initialisation on the same
+probe images, and reports ``probe/knn_gain`` = trained minus random init.
+
+- The probe set is fixed per (dataset, image size, probe sizes): class-stratified subsets of the train
+  split (the k-NN memory) and of the test split (the queries), drawn with fixed seeds, decoded once,
+  never augmented. Every trial of a sweep is scored on the same images.
+- The baseline is a pure function of the architecture, the init seed, the precision and the probe set,
+  so it is computed once and cached on disk under ``<cache>/probe-baselines/<key>.json``; later probes,
+  runs and sweep trials read it back.
+- Features are the mean of the final-normed patch tokens (registers excluded) of the EMA teacher, in
+  large batches: the probe is a forward pass and a matrix product, nothing trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from capi_core.config import ProbeConfig, TrainConfig
+from capi_core.data import cache_root
+from capi_core.data.format import atomic_write, load_manifest
+from capi_core.data.reader import load_split
+from capi_core.eval.features import pooled_features
+from capi_core.eval.knn import knn_top1
+from capi_core.models.student import Student
+
+BASELINE_VERSION = 1  # bump when the baseline's definition changes, so stale cache entries are not read
+FEATURE_BATCH = 1024  # 4x the default: fewer, larger matmuls; a 28x28 batch of 1,024 is ~25 MB of tokens
+PROBE_METRIC = "probe/knn_top1"  # present in a trainer's metrics exactly at its probe steps
+METRICS = (PROBE_METRIC, "probe/knn_random_init", "probe/knn_gain")
+
+
+@dataclass(frozen=True)
+class ProbeSet:
+    """Fixed, decoded, un-augmented probe images: a k-NN memory (``train_*``) and queries (``test_*``)."""
+
+    train_x: Tensor  # [N, C, H, W]
+    train_y: Tensor  # [N]
+    test_x: Tensor  # [M, C, H, W]
+    test_y: Tensor  # [M]
+    description: str  # e.g. "fashion-mnist: 10,000 train / 10,000 test images"
+    key: str  # hex digest of what determines the images
+
+
+def load_probe_set(dataset_dir: str | Path, img_size: int, train_images: int | None, test_images: int | None,
+                   seed: int = 0) -> ProbeSet:
+    """Class-stratified ``train_images`` of the train split (drawn with ``seed``) and ``test_images`` of the
+    test split (its train split if it has none; drawn with ``seed + 1``); None takes the whole split."""
+    dataset_dir = Path(dataset_dir)
+    manifest = load_manifest(dataset_dir)
+    test_split = "test" if "test" in manifest.splits else "train"
+    train_x, train_y = load_split(dataset_dir, "train", img_size, limit=train_images, seed=seed)
+    test_x, test_y = load_split(dataset_dir, test_split, img_size, limit=test_images, seed=seed + 1)
+    identity = {"shards": sorted(s.sha256 for s in manifest.shards if s.split in ("train", test_split)),
+                "test_split": test_split, "img_size": img_size, "train": len(train_y), "test": len(test_y),
+                "seed": seed}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    description = f"{manifest.name}: {len(train_y):,} train / {len(test_y):,} {test_split} images"
+    return ProbeSet(train_x, train_y, test_x, test_y, description, key)
+
+
+def online_probe_set(dataset_dir: str | Path, img_size: int, cfg: ProbeConfig) -> ProbeSet:
+    """The trainer's probe set: ``cfg.train_images`` / ``cfg.test_images``, seed 0, the same for every run."""
+    return load_probe_set(dataset_dir, img_size, cfg.train_images, cfg.test_images, seed=0)
+
+
+def knn_score(encoder: nn.Module, probe_set: ProbeSet, k: int, temperature: float,
+              autocast_dtype: torch.dtype | None = None) -> float:
+    """Weighted k-NN top-1 (%) of ``encoder``'s mean-pooled patch features on ``probe_set``."""
+    f_train = pooled_features(encoder, probe_set.train_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
+    f_test = pooled_features(encoder, probe_set.test_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
+    return knn_top1(f_train, probe_set.train_y, f_test, probe_set.test_y, k=k, temperature=temperature)
+
+
+def baseline_key(config: TrainConfig, probe_set: ProbeSet, k: int, temperature: float,
+                 autocast_dtype: torch.dtype | None = None) -> str:
+    """What determines the random-init score: the encoder's architecture and init seed (``run.seed``),
+    the precision of its forward pass, the k-NN's settings and the probe images."""
+    what = {"version": BASELINE_VERSION, "model": config.model.model_dump(mode="json"), "seed": config.run.seed,
+            "k": k, "temperature": temperature, "probe_set": probe_set.key, "dtype": str(autocast_dtype)}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def random_init_encoder(config: TrainConfig, device: torch.device | str = "cpu") -> nn.Module:
+    """The encoder exactly as the trainer initialises it (``torch.manual_seed(run.seed)``, then the
+    student), built without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        return Student(config).encoder.to(device)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    knn_top1: float
+    cached: bool  # read from the cache rather than computed now
+    path: Path
+
+
+def random_init_knn(config: TrainConfig, probe_set: ProbeSet, cache_dir: str | Path | None = None,
+                    device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                    k: int | None = None, temperature: float | None = None) -> Baseline:
+    """The k-NN score of the seeded random-init encoder on ``probe_set``, from the cache when it is there.
+    ``k`` and ``temperature`` default to the config's probe settings."""
+    k, temperature = k or config.probe.k, temperature or config.probe.temperature
+    key = baseline_key(config, probe_set, k, temperature, autocast_dtype)
+    path = cache_root(cache_dir) / "probe-baselines" / f"{key}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return Baseline(float(json.loads(path.read_text())["knn_top1"]), True, path)
+    score = knn_score(random_init_encoder(config, device), probe_set, k, temperature, autocast_dtype)
+    record = {"knn_top1": score, "probe_set": probe_set.description, "model": config.model.model_dump(mode="json"),
+              "seed": config.run.seed, "k": k, "temperature": temperature, "dtype": str(autocast_dtype)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    return Baseline(score, False, path)
+
+
+def probe_metrics(trained: float, baseline: float) -> dict[str, float]:
+    """The three logged names: the trained score, the baseline and their difference (points)."""
+    return dict(zip(METRICS, (trained, baseline, trained - baseline)))
+
+
+# --------------------------------------------------------------------------------------------------
+# How far apart two probe scores must be to mean something.
+
+# Standard deviation (points) of probe/knn_top1 over training seeds at equal training, measured with
+# benchmarks/probe_noise.py, keyed by (dataset name, image size, probe train images, probe test images).
+MEASURED_NOISE: dict[tuple[str, int, int, int], float] = {}
+
+
+@dataclass(frozen=True)
+class ProbeNoise:
+    sigma: float  # points
+    measured: bool  # from MEASURED_NOISE rather than the binomial floor
+    probe_set: str  # what the probe set is
+
+    @property
+    def threshold(self) -> float:
+        """Differences below two standard deviations are not told apart from noise."""
+        return 2.0 * self.sigma
+
+    def sentence(self) -> str:
+        how = ("the spread of probe/knn_top1 over training seeds, measured by benchmarks/probe_noise.py" if
+               self.measured else "the binomial sampling error of the probe's query images; not measured for "
+               "this probe set (benchmarks/probe_noise.py measures it)")
+        return (f"probe set {self.probe_set}; differences below {self.threshold:.1f} points are noise "
+                f"(2 x {self.sigma:.2f}: {how})")
+
+
+def probe_noise(dataset_dir: str | Path, img_size: int, cfg: ProbeConfig) -> ProbeNoise:
+    """The probe's noise for a dataset and probe settings, from the manifest alone (no image is read)."""
+    manifest = load_manifest(dataset_dir)
+    test_split = "test" if "test" in manifest.splits else "train"
+    n_train = min(cfg.train_images, manifest.splits.get("train", 0))
+    n_test = min(cfg.test_images, manifest.splits[test_split])
+    described = f"{manifest.name}: {n_train:,} train / {n_test:,} {test_split} images"
+    measured = MEASURED_NOISE.get((manifest.name, img_size, n_train, n_test))
+    if measured is not None:
+        return ProbeNoise(measured, True, described)
+    return ProbeNoise(100.0 * math.sqrt(0.25 / max(n_test, 1)), False, described)
