@@ -1,8 +1,9 @@
 """Typed configuration for CAPI pretraining: the one place where defaults live.
 
 Every other module (trainer, CLI, sweep loader) takes these models; none restates a default.
-Names follow the paper (../shared/specs/capi.md): ``student_temp``, ``teacher_temp``,
-``num_clusters``, ``registers``. Presets at the bottom; paper-scale values are in ``vit-s/b/l``.
+Names follow the CAPI paper (Darcet et al., "Cluster and Predict Latent Patches for Improved Masked Image
+Modeling", TMLR 2025) and its reference code: ``student_temp``, ``teacher_temp``, ``num_clusters``,
+``registers``. Presets at the bottom; paper-scale values are in ``vit-s/b/l``.
 """
 
 from __future__ import annotations
@@ -61,13 +62,13 @@ class ModelConfig(_Strict):
         if pdim % pheads:
             raise ValueError(f"predictor_dim {pdim} is not divisible by predictor_heads {pheads}")
         if self.pos_embed == "rope" and self.registers % 4:
-            # CAPI's RoPE puts registers on the edges of the visible box, 4 per side (spec §2.1).
+            # CAPI's RoPE spreads the registers evenly over the 4 edges of the visible box (reference model.py).
             raise ValueError(f"pos_embed 'rope' needs registers to be a multiple of 4, got {self.registers}")
         return self
 
 
 class MaskingConfig(_Strict):
-    """Which patches the student sees and which it predicts (spec §3)."""
+    """Which patches the student sees and which it predicts (ablated in the CAPI paper, Tables 1b and 1e)."""
 
     strategy: Literal["random", "block", "inverse_block", "inverse_block_roll"] = "inverse_block_roll"
     ratio: float = Field(0.65, gt=0.0, lt=1.0, description="masked fraction at the start of training")
@@ -89,9 +90,11 @@ class MaskingConfig(_Strict):
 
 
 class ClusteringConfig(_Strict):
-    """The teacher's online clustering head and its Sinkhorn-Knopp targets (spec §5)."""
+    """The teacher's online clustering head and its Sinkhorn-Knopp targets (CAPI paper, Tables 1c and 1i)."""
 
-    num_clusters: int = Field(1024, ge=2, description="K prototypes; keep close to the Sinkhorn batch (spec §10.13)")
+    num_clusters: int = Field(
+        1024, ge=2, description="K prototypes; keep near the Sinkhorn batch: with K >> batch SK targets turn diffuse"
+    )
     sinkhorn_iterations: int = Field(3, ge=1)
     positionwise: bool = Field(True, description="Sinkhorn per position across the batch (paper) or over all tokens")
     lr_ratio: float = Field(0.5, gt=0.0, description="clustering-head lr as a fraction of the main lr")
@@ -107,7 +110,7 @@ class LossConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    """AdamW with the paper's parameter groups and warmup + truncated cosine schedules (spec §6)."""
+    """AdamW with CAPI's parameter groups and warmup + truncated cosine schedules (CAPI paper, Table 6)."""
 
     steps: int = Field(1000, ge=1, description="total optimiser steps")
     batch_size: int = Field(256, ge=2, description="global batch (split over workers)")
@@ -137,7 +140,7 @@ class OptimConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Which Parquet dataset to read and how to augment it (spec §4)."""
+    """Which Parquet dataset to read and how to augment it (one view, crop + flip: CAPI paper, Table 1d)."""
 
     dataset: str = Field("fashion-mnist", description="a built-in name or a directory of Parquet shards")
     cache_dir: Path | None = Field(None, description="where built-in datasets are imported; None: ~/.cache/capi")
@@ -211,7 +214,7 @@ class TrainConfig(_Strict):
 
 # --------------------------------------------------------------------------------------------------
 # Presets. cpu-* presets deviate from the paper in size, K, EMA momentum and prediction subsampling
-# (spec §12), because a 28x28 Fashion-MNIST run on 2 CPU cores is not a ViT-L on LVD-142M.
+# because a 28x28 Fashion-MNIST run on 2 CPU cores is not a ViT-L on LVD-142M.
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on CPU: tests and smoke runs on tiny generated data.
@@ -235,7 +238,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "probe": {"every": 440},
         "run": {"log_every": 20},
     },
-    # Paper-like GPU configurations (spec §2.4, Table 8): 224 px, patch 14 (16 for L ablations).
+    # Paper-like GPU configurations (CAPI paper, Table 8): 224 px, patch 14 (16 for L ablations).
     "vit-s": {
         "model": {"img_size": 224, "in_chans": 3, "patch_size": 14, "embed_dim": 384, "depth": 12, "num_heads": 6,
                   "registers": 16, "drop_path": 0.2, "predictor_depth": 6},

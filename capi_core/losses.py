@@ -1,8 +1,8 @@
-"""CAPI's two cross-entropies and the health metrics of its targets (spec §5 steps 2.5, 3.5 and 5).
+"""CAPI's two cross-entropies (clustering head and student) and the health metrics of its targets.
 
-Both losses are soft-target cross-entropies computed in fp32 (spec §10.12). Targets are constants:
-gradients reach only the logits (the student head for ``capi_loss``, the clustering head for
-``clustering_loss``).
+Both losses are soft-target cross-entropies computed in fp32, as the reference does even under bf16.
+Targets are constants: gradients reach only the logits (the student head for ``capi_loss``, the
+clustering head for ``clustering_loss``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def clustering_loss(logits: Tensor, assignments: Tensor, temp: float) -> Tensor:
 @torch.no_grad()
 def target_entropy(targets: Tensor) -> Tensor:
     """Mean over rows of -sum T log T (nats), a 0-dim tensor; targets [..., K]. Stable near 0.5 in the
-    reference runs (spec §5 step 5); ln K means uniform targets."""
+    authors' runs (facebookresearch/capi issue #11); ln K means uniform targets."""
     t = targets.float()
     return -torch.special.xlogy(t, t).sum(-1).mean()
 

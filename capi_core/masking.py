@@ -1,4 +1,6 @@
-"""Which patches the student sees and which it predicts (spec §3), and the mask-ratio schedule.
+"""Which patches the student sees and which it predicts, and the mask-ratio schedule.
+
+The strategies are those of the CAPI paper's masking ablation (Table 1b); Table 1e ablates the ratio.
 
 Every image of a batch gets exactly the same number of visible and predicted patches, because the
 encoder and predictor gather tokens with one fixed-width index tensor per batch.
@@ -42,7 +44,7 @@ def sample_masks(
     min_aspect: float = 0.5,
     max_aspect: float = 2.0,
 ) -> tuple[Tensor, Tensor]:
-    """Visible and predicted patch indices for a batch on a ``grid x grid`` patch grid (spec §3).
+    """Visible and predicted patch indices for a batch on a ``grid x grid`` patch grid.
 
     With N = grid², n_masked = int(N * mask_ratio), n_vis = N - n_masked and
     n_pred = max(1, int(n_masked * prediction_subsampling)):
@@ -52,8 +54,9 @@ def sample_masks(
       for n_masked instead of n_vis), the rest visible: the reference's ``BlockMasking``, for the
       "block" row of the paper's ablation. Not rolled: the paper does not say, and this keeps the roll
       as the one change between its last two rows.
-    - ``inverse_block``: one rectangle of exactly n_vis *visible* cells (spec §3 steps 2.1-2.4).
-    - ``inverse_block_roll``: the same, cyclically shifted by a uniform (dy, dx) (spec §3 step 2.5).
+    - ``inverse_block``: one rectangle of exactly n_vis *visible* cells (the reference's InverseBlockMasking).
+    - ``inverse_block_roll``: the same, cyclically shifted by a uniform (dy, dx), so the block wraps across
+      the borders and every position is equally likely to be visible.
 
     Returns ``visible`` LongTensor [B, n_vis] and ``predict`` LongTensor [B, n_pred], flat indices into
     the raster-ordered grid (row * grid + col), each row sorted ascending. ``predict`` is a uniform
@@ -99,7 +102,7 @@ def _block(
     max_aspect: float,
     roll: bool,
 ) -> Tensor:
-    """Boolean [B, grid*grid]: per image one rectangle truncated to exactly ``count`` cells (spec §3 step 2).
+    """Boolean [B, grid*grid]: per image one rectangle truncated to exactly ``count`` cells.
 
     Aspect a = h/w is log-uniform in [min_aspect, max_aspect], narrowed so the rectangle fits the grid;
     h = ceil(sqrt(count*a)), w = ceil(sqrt(count/a)), so h*w >= count; its corner is uniform among the

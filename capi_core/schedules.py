@@ -1,4 +1,4 @@
-"""Warmup + truncated-cosine schedules for lr, clustering lr and EMA momentum; the EMA update (spec §6).
+"""Warmup + truncated-cosine schedules for lr, clustering lr and EMA momentum; the EMA update (CAPI paper, Table 6).
 
 One shape everywhere (the reference's WarmupThenCosine): linear warmup from ``start`` to ``base``,
 then a cosine from ``base`` toward ``final`` whose argument stops at ``truncate * pi``. With
@@ -20,7 +20,7 @@ from capi_core.config import OptimConfig, TrainConfig
 def warmup_cosine(
     step: int, total: int, warmup: int, start: float, base: float, final: float, truncate: float = 0.8
 ) -> float:
-    """Schedule value at ``step`` of ``total`` (spec §6).
+    """Schedule value at ``step`` of ``total``.
 
     Warmup as the reference's ``linspace(start, base, warmup)``: ``start`` at step 0, ``base`` at step
     warmup-1. Then ``final + (base - final) * (1 + cos(pi * truncate * t)) / 2`` with
@@ -35,7 +35,7 @@ def warmup_cosine(
 
 @dataclass(frozen=True)
 class Schedules:
-    """lr, clustering-head lr and EMA momentum at an optimiser step (spec §6)."""
+    """lr, clustering-head lr (a fixed fraction of the lr) and EMA momentum at an optimiser step."""
 
     optim: OptimConfig
     lr_ratio: float  # clustering-head lr as a fraction of the main lr
@@ -62,7 +62,7 @@ class Schedules:
 
 @torch.no_grad()
 def ema_update_(teacher_params: Sequence[Tensor], student_params: Sequence[Tensor], momentum: float) -> None:
-    """In place xi <- m * xi + (1 - m) * theta for each (teacher xi, student theta) pair (spec §5 step 4.2).
+    """In place xi <- m * xi + (1 - m) * theta for each (teacher xi, student theta) pair.
 
     One fused foreach lerp, xi + (1 - m) * (theta - xi): the same value, one pass over memory, and
     m = 1 leaves the teacher bit-for-bit unchanged.

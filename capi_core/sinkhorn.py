@@ -1,4 +1,4 @@
-"""Position-wise Sinkhorn-Knopp: the teacher's soft cluster assignments (spec §5 step 2.4, §10.1).
+"""Position-wise Sinkhorn-Knopp: the teacher's soft cluster assignments (CAPI paper, Table 1i).
 
 For each patch position independently, the [B, K] matrix exp(logits / temp) is alternately normalised
 over the batch (each prototype's column) and over prototypes (each token's row), so that at every
@@ -6,7 +6,8 @@ position the prototypes share the batch evenly and cluster identity cannot encod
 
 Under torch.distributed the batch axis spans every process: the max shift and the column sums are
 all-reduced, so G processes on G shards return what one process returns on the whole batch (to fp32
-rounding of the sums). Computed in fp32, unlike the reference's bf16 (spec §10.12).
+rounding of the sums). Computed in fp32, unlike the reference's bf16, whose 8 bits of precision round
+the normalising sums coarsely.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _distributed() -> bool:
 def sinkhorn_knopp(logits: Tensor, temp: float, iterations: int = 3, positionwise: bool = True) -> Tensor:
     """Soft assignments [N, B, K] of ``logits`` [N, B, K] (positions, per-process batch, prototypes).
 
-    ``positionwise=False`` is the standard SK of the ablation (spec §5 step 2.4): all N*B tokens form
+    ``positionwise=False`` is the standard SK of the CAPI paper's Table 1i ablation: all N*B tokens form
     one batch. Input is detached and cast to fp32; the output is a new fp32 tensor whose rows sum to 1
     over K. Each of ``iterations`` rounds divides by the (global) batch sum, then by the row sum.
     """

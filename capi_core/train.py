@@ -1,4 +1,4 @@
-"""The CAPI training loop (spec §5), plain PyTorch.
+"""The CAPI training loop, plain PyTorch, in the step order of CAPI's reference ``train_capi.py``.
 
 One step: the EMA teacher encodes the full image; its clustering head turns every patch token into
 logits; position-wise Sinkhorn-Knopp makes soft assignments (the clustering head's target and, at
@@ -133,7 +133,7 @@ class Trainer:
 
         torch.manual_seed(config.run.seed)  # identical init on every rank
         self.student = Student(config).to(self.device)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()  # EMA only (spec §2.3)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()  # EMA only: no gradient reaches it
         self.clustering_head = ClusteringHead(config.model.embed_dim, config.clustering.num_clusters).to(self.device)
         fused = optim.fused and self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(param_groups(self.student, optim), lr=optim.lr, betas=optim.betas,
@@ -161,7 +161,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------- schedules
     def schedule(self, step: int) -> dict[str, float]:
-        """lr, clustering lr, EMA momentum and mask ratio at ``step`` (spec §6)."""
+        """lr, clustering lr, EMA momentum and mask ratio at ``step``."""
         s = self.schedules
         return {"lr": s.lr(step), "clustering_lr": s.clustering_lr(step), "momentum": s.momentum(step),
                 "mask_ratio": mask_ratio_at(self.config.masking, step, self.config.optim.steps)}
@@ -195,7 +195,8 @@ class Trainer:
             assignments = sinkhorn_knopp(logits_c.detach(), loss_cfg.teacher_temp, clust_cfg.sinkhorn_iterations,
                                          positionwise=clust_cfg.positionwise)
             loss_c = clustering_loss(logits_c, assignments, loss_cfg.clustering_temp)
-            # Targets: SK over all tokens first, then the predicted rows (spec §10.2).
+            # Targets: SK over all tokens first, then the predicted rows, as the reference does: SK balances
+            # each position over the whole batch, not over the few images that predict it.
             rows = torch.arange(images.shape[0], device=images.device)[:, None]
             targets = assignments.transpose(0, 1)[rows, predict].flatten(0, 1)  # [B*n_pred, K]
             student_logits = self.student_ddp(images, visible, predict)

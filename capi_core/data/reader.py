@@ -1,4 +1,4 @@
-"""Training and evaluation batches from a Parquet dataset, with CAPI's augmentation (spec §4).
+"""Training and evaluation batches from a Parquet dataset, with CAPI's one-view augmentation (crop + flip).
 
 Training order and augmentation are pure functions of ``(seed, epoch, sample index)``:
 

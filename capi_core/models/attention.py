@@ -1,7 +1,7 @@
 """Attention precision policy: the attention product runs in fp32 under CPU bf16 autocast.
 
 CPU autocast casts ``F.scaled_dot_product_attention`` to bf16, and the bf16 backward of that op is very
-slow on CPU (about half of a ViT step, see shared/specs/environment.md). Running only the attention
+slow on CPU (about half of a ViT step, measured on this project's 2-core CPUs). Running only the attention
 product in fp32, while the q/k/v/out projections and MLPs stay in bf16, made bf16 training 1.5-2x
 faster there. On CUDA (or without autocast) nothing changes: bf16 flash attention is fast.
 

@@ -1,7 +1,7 @@
 """The CAPI encoder: a timm ViT with registers and no [cls] token that can run on visible patches only.
 
-The student sees the visible patches of a masked view, the teacher (EMA) sees all of them (spec §2.1,
-§5). Both are this module; ``visible`` selects which. The timm model is kept as ``self.vit`` and is
+The student sees the visible patches of a masked view, the teacher (EMA) sees all of them. Both are
+this module; ``visible`` selects which. The timm model is kept as ``self.vit`` and is
 built by ``timm.create_model(self.timm_architecture, **self.timm_model_args())``, so
 ``self.vit.state_dict()`` loads into plain timm with the same call (pretrained_cfg_overlay=dict(file=...)).
 
@@ -9,16 +9,17 @@ Two position schemes (``ModelConfig.pos_embed``):
 
 - ``"learned"`` (default): timm ``VisionTransformer`` with a learned absolute position embedding over the
   N patches (``no_embed_class=True``: registers get none), gathered at the visible indices. CAPI's
-  ablation (P Table 1h, ViT-L/16, 100k iterations) found it on par with RoPE: 30.0 ADE / 81.6 IN1k vs
+  ablation (CAPI paper, Table 1h; ViT-L/16, 100k iterations) found it on par with RoPE: 30.0 ADE / 81.6 IN1k vs
   29.1 / 81.4. It is the default because the exported weights load in timm's plain VisionTransformer
   (the most widely supported ViT), and gathering a learned embedding at the visible indices is free.
 - ``"rope"``: timm ``Eva`` with 2D axial RoPE on q and k (timm's ``RotaryEmbeddingCat``, grid-index
   coordinates) and no absolute embedding; the per-patch RoPE table is gathered at the visible indices,
   as timm's own patch-dropout path does. Deviations from CAPI's RoPE: timm's standard axial layout rather
-  than CAPI's coupled one (spec §2.1: timm cannot express it), and registers get no RoPE in the encoder
-  (timm's Eva skips prefix tokens), whereas CAPI places them on the edges of the visible bounding box.
+  than CAPI's coupled one (it pairs row-angle with column-angle channels, which timm cannot express), and
+  registers get no RoPE in the encoder (timm's Eva skips prefix tokens), whereas CAPI places them on the
+  edges of the visible bounding box.
 
-Deviations from CAPI's block (spec §2.1) that timm forces, both schemes:
+Deviations from CAPI's block (reference ``model.py``) that timm forces, both schemes:
 
 - The final norm has affine parameters in timm; they are frozen at identity (weight 1, bias 0), which is
   exactly CAPI's affine-free final norm and keeps timm's key layout.
@@ -32,7 +33,7 @@ Deviations from CAPI's block (spec §2.1) that timm forces, both schemes:
   blocks' DropPath modules are replaced after construction (they have no parameters). timm's DropPath
   zeroes whole samples rather than computing the branch on a subset (CAPI's "efficient" variant).
 
-Init follows CAPI where it is cheap (spec §2.1): xavier-uniform linear and patch-embed weights (the
+Init follows CAPI's reference code where it is cheap: xavier-uniform linear and patch-embed weights (the
 latter on the flattened [D, C*p*p] view), zero biases, registers N(0, 0.02); the learned position
 embedding keeps timm's trunc-normal(0.02).
 """

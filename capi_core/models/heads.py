@@ -1,4 +1,5 @@
-"""CAPI's two linear heads over L2-normalised features (spec §2.3). They share nothing.
+"""CAPI's two linear heads over L2-normalised features (linear beat MLP heads: CAPI paper, Table 1c).
+They share nothing.
 
 - ``StudentHead``: on the predictor output, weight-normalised, no bias; its scale g trains (unlike DINO).
 - ``ClusteringHead``: the teacher's online clustering prototypes, with bias and N(0, 1) init, so that unit

@@ -1,4 +1,7 @@
-"""The CAPI predictor: mask-token queries that cross-attend to the student encoder's output (spec §2.2).
+"""The CAPI predictor: mask-token queries that cross-attend to the student encoder's output.
+
+Of the predictor layouts in the CAPI paper's Table 1a (fused, split + self-attention, split +
+cross-attention), this last one was best.
 
 Each predicted position starts from one shared learned mask token plus its position, then goes through
 blocks of ``x <- x + CrossAttn(RMSNorm(x), ctx); x <- x + MLP(RMSNorm(x))``. There is no self-attention
@@ -14,7 +17,7 @@ Position enters as in the encoder's scheme:
 - ``"rope"``: 2D axial RoPE on q at the predicted coordinates and on k at the context coordinates, in the
   encoder's convention (timm's grid-index coordinates and frequency bands, interleaved layout). Registers
   get CAPI's edge layout: R/4 per side of the unit square, clockwise from the top-left corner, rescaled
-  per sample into the bounding box of the visible patches (spec §2.1).
+  per sample into the bounding box of the visible patches (as in the reference ``model.py``).
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ class Predictor(nn.Module):
 
     def forward(self, context: torch.Tensor, visible: torch.Tensor, predict: torch.Tensor,
                 depth: int | None = None) -> torch.Tensor:
-        """``depth``: run only the first ``depth`` blocks (predictor pooling reads the first one, §8.1)."""
+        """``depth``: run only the first ``depth`` blocks (predictor pooling reads the first one)."""
         B, n_pred = predict.shape
         if context.shape[1] != self.num_registers + visible.shape[1]:
             raise ValueError(f"context has {context.shape[1]} tokens, expected {self.num_registers} registers + "

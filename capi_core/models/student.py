@@ -1,4 +1,4 @@
-"""The CAPI student (encoder + predictor + student head) and its AdamW parameter groups (spec §5.3, §6).
+"""The CAPI student (encoder + predictor + student head) and its AdamW parameter groups, as in CAPI's reference code.
 
 The teacher is an EMA copy of the whole student (the trainer's job); only its encoder makes targets.
 The mask token lives in the predictor.
@@ -34,7 +34,7 @@ class Student(nn.Module):
 
 
 def param_groups(student: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """AdamW groups for the trainable parameters of ``student``, following CAPI's rules (spec §6).
+    """AdamW groups for the trainable parameters of ``student``, following CAPI's ``get_params_groups``.
 
     Weight decay x0 for biases, x``norm_wd_mult`` for norm weights, x1 for everything else (registers,
     mask token, position embeddings and the head's g and v included); lr x``patch_embed_lr_mult`` for the
