@@ -1,4 +1,5 @@
-"""Register and attention diagnostics (spec registers_and_aggregation.md R1-R3, §2.2).
+"""Register and attention diagnostics, after "Vision Transformers Need Registers" (Darcet et al., ICLR 2024;
+"the Registers paper" below) and "Beyond [cls]" (Przewięźlikowski et al., ICCV 2025).
 
 - ``norm_report``: the high-norm ("outlier") token detector of Darcet et al., a pure function of norms.
 - ``norm_quantiles`` / ``layer_curves`` / ``norms_by_type``: token-norm profiles per layer and per token
@@ -31,7 +32,7 @@ from capi_core.eval.features import (
     prefix_layout,
 )
 
-# ------------------------------------------------------------------------------- norms (R1, R2, R3)
+# -------------------------------------------------------------------------------------------- norms
 
 
 def quantiles(x: Tensor, qs: Sequence[float]) -> Tensor:
@@ -59,11 +60,12 @@ def valley_threshold(norms: Tensor, bin_width: float = 0.02, smooth_bins: float 
     The histogram of log n (bins of ``bin_width`` in log units, i.e. 2%) is smoothed with a Gaussian of
     Silverman's bandwidth (robust IQR form, so outliers do not widen it) and at least ``smooth_bins``
     bins. The main mode is the highest peak; the high-norm mode is the highest peak at
-    least ``min_separation`` times larger in norm (outliers are ~10x the typical norm, spec §1.1; noise
-    bumps on the flank of a unimodal histogram are much closer). τ is the centre of the valley between
-    them. It counts as bimodal only if the valley is at most ``max_valley`` times the smaller peak and
-    at least ``min_count`` tokens and ``min_fraction`` of all lie above τ: a handful of far-tail tokens
-    of a wide unimodal distribution make bumps that are not a population of outliers.
+    least ``min_separation`` times larger in norm (outliers are ~10x the typical norm, says the
+    Registers paper's introduction; noise bumps on the flank of a unimodal histogram are much closer).
+    τ is the centre of the valley between them. It counts as bimodal only if the valley is at most
+    ``max_valley`` times the smaller peak and at least ``min_count`` tokens and ``min_fraction`` of all
+    lie above τ: a handful of far-tail tokens of a wide unimodal distribution make bumps that are not a
+    population of outliers.
     """
     n = norms.detach().float().flatten().clamp_min(1e-12)
     logn = n.log()
@@ -96,7 +98,7 @@ def valley_threshold(norms: Tensor, bin_width: float = 0.02, smooth_bins: float 
 
 
 def norm_report(norms: Tensor, mode: str = "valley", tau: float | None = None, k: float = 4.0) -> dict:
-    """High-norm token detector (spec R2) on patch-token norms [M] or [B, N].
+    """High-norm token detector (Registers paper, §2.1 and Fig. 3) on patch-token norms [M] or [B, N].
 
     Modes: ``valley`` (default; τ at the histogram valley, see ``valley_threshold``; no bimodality ->
     no outliers), ``fixed`` (the given τ), ``ratio`` (τ = k * median). ``bimodal`` is reported in every
@@ -131,7 +133,7 @@ def norm_report(norms: Tensor, mode: str = "valley", tau: float | None = None, k
 
 
 def norms_by_type(tokens: Tokens) -> dict[str, dict[str, float]]:
-    """Norm summaries per token type (spec R3): ``patches``, ``cls`` and each register ``reg_i``."""
+    """Norm summaries per token type (Registers paper, App. D.1): ``patches``, ``cls``, each ``reg_i``."""
     norms = tokens.norms()
     out = {"patches": norm_quantiles(norms["patches"])}
     if "cls" in norms:
@@ -143,8 +145,8 @@ def norms_by_type(tokens: Tokens) -> dict[str, dict[str, float]]:
 
 def layer_curves(layers: dict[int, Tokens], mode: str = "ratio", tau: float | None = None,
                  k: float = 4.0) -> list[dict]:
-    """Per-layer norm profile (spec R1): quantiles per token type and the patch outlier fraction under
-    the same detector rule, one dict per layer in block order."""
+    """Per-layer norm profile (Registers paper, Fig. 4a): quantiles per token type and the patch outlier
+    fraction under the same detector rule, one dict per layer in block order."""
     curves = []
     for index in sorted(layers):
         norms = layers[index].norms()
@@ -193,7 +195,7 @@ def collect_attention(model: nn.Module, images: Tensor, layers: Sequence[int] | 
     ``layers`` selects blocks (negative from the end; None = all). Memory grows with B*L*H*T^2: use
     ``run_diagnostics`` (which reduces per batch) for large sets.
     """
-    # No autocast: bf16/fp16 softmax probabilities bias entropies (spec §2.2 "precision").
+    # No autocast: bf16/fp16 softmax probabilities bias entropies.
     with frozen(model) as device, attention_recorder(model) as maps:
         final_tokens(model, images.to(device))
     chosen = range(len(maps)) if layers is None else [i % len(maps) for i in layers]

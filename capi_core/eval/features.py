@@ -4,9 +4,10 @@ Works on our ``Encoder`` (its timm model is ``encoder.vit``) and on any timm ``V
 ``Eva``. Sequence order is timm's: ``[cls?, reg_1..reg_R, patch_1..patch_N]``; our encoders have no
 [cls], so ``Tokens.cls`` is None for them.
 
-"Final" tokens are the encoder output after the final norm (what CAPI's probes and the teacher use,
-spec capi.md §8.1). Intermediate layers come from timm ``forward_intermediates``, un-normalised unless
-``norm=True`` (spec R1); every report says which one it used.
+"Final" tokens are the encoder output after the final norm (what CAPI's reference probes and teacher
+use). Intermediate layers come from timm ``forward_intermediates``, un-normalised unless ``norm=True``
+(the Registers paper does not say which of the two its token norms are); every report says which one
+it used.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ def _intermediate_tokens(item: Tensor | tuple[Tensor, Tensor], has_cls: bool) ->
 
 
 def predictor_pool(predictor: nn.Module, context: Tensor) -> Tensor:
-    """CAPI's "predictor pooling" (spec §8.1): [B, D_pred] from the encoder's final output on every
-    patch, context [B, R + N, D].
+    """CAPI's "predictor pooling" (CAPI paper, Table 5): [B, D_pred] from the encoder's final output on
+    every patch, context [B, R + N, D].
 
     The predictor runs with a mask-token query at every position, and the output of its first block
     (after the predictor's final norm) is averaged over positions. The paper measures this well above
@@ -218,7 +219,8 @@ def extract_features(
     Args:
         layers: block indices (negative counts from the end); ``None`` = every block; ``()`` = final
             output only (one plain forward pass).
-        norm: apply the final norm to the intermediate layers too (spec R1 keeps both options).
+        norm: apply the final norm to the intermediate layers too (the Registers paper does not say
+            which it measured).
         autocast_dtype: e.g. ``torch.bfloat16`` to run the forward under autocast (pays off on GPUs and
             AMX CPUs; on AVX-512 CPUs at demo size it is no faster). Features are stored in
             ``store_dtype`` on the CPU, and only for the requested layers.

@@ -1,6 +1,6 @@
 """Pictures of frozen features (PNG, matplotlib Agg): PCA of patch features, attention maps, token norms.
 
-The PCA picture is the one CAPI is known for (spec capi.md §8.4, ``eval_visualizations.py``): one PCA
+The PCA picture is the one CAPI is known for (CAPI's reference ``eval_visualizations.py``): one PCA
 fitted across the patch tokens of all shown images, its first three components min-max scaled to [0, 1]
 and shown as RGB next to each input. Every writer returns the path it wrote; files appear atomically.
 """

@@ -1,8 +1,8 @@
 """Supervised probes on frozen features: one training loop, one selection protocol, five heads.
 
 Every parametric head is "pooling -> classifier" trained on pre-extracted tokens of the final layer
-(final-normed, as in CAPI's own probes, spec capi.md §8.2; Beyond-[cls] and EP used pre-norm tokens,
-the BN in their heads makes this nearly irrelevant):
+(final-normed, as in CAPI's own probes in its ``eval_classification.py``; Beyond-[cls] and EP used
+pre-norm tokens, the BN in their heads makes this nearly irrelevant):
 
 ==============  ===========================  ==================================================
 probe           input                        head
@@ -18,9 +18,9 @@ probe           input                        head
 Registers are excluded from every pooling unless ``include_registers=True``.
 
 Selection never sees the test split: ``select_probe`` receives the training features only and holds
-out a seeded ``val_fraction`` of them itself (CAPI holds out 10% of the train split, §8.2). The head
-trained on the rest with the best validation accuracy is then scored on the test split, once. All
-accuracies are top-1 in %.
+out a seeded ``val_fraction`` of them itself (CAPI's reference evaluation holds out 10% of the train
+split). The head trained on the rest with the best validation accuracy is then scored on the test
+split, once. All accuracies are top-1 in %.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ProbeProtocol:
     epochs: int = 10
     batch_size: int = 256
     weight_decay: float = 5e-4  # on weight matrices only (CAPI's grid minimum; no decay on biases)
-    betas: tuple[float, float] = (0.9, 0.95)  # CAPI §8.2
+    betas: tuple[float, float] = (0.9, 0.95)  # as CAPI's reference probes
     val_fraction: float = 0.1  # of the TRAIN split, held out for selection
     seed: int = 0  # split, initialisation and batch order
     knn_ks: tuple[int, ...] = (10, 20)
@@ -88,7 +88,7 @@ def attentive_heads(dim: int) -> int:
 
 
 class AttentiveHead(nn.Module):
-    """CAPI's attentive probe (spec capi.md §8.2): [B, N, D] -> logits [B, C].
+    """CAPI's attentive probe (reference ``eval_classification.py``): [B, N, D] -> logits [B, C].
 
     One learned query (no q projection) attends over the tokens with D/64 heads; keys and values come
     from one Linear(D, 2D) with bias; the [D] result goes straight to Linear(D, C). No norm, no MLP.
@@ -132,12 +132,13 @@ class AbMILPHead(nn.Module):
 
 
 def ep_num_params(dim: int, num_classes: int, num_queries: int = 32, d_out: int = 1) -> int:
-    """Trainable parameters of ``EfficientProbe``: D^2/d_out + M*D + (D/d_out)*C + C (spec §3.1)."""
+    """Trainable parameters of ``EfficientProbe``: D^2/d_out + M*D + (D/d_out)*C + C, as in EP's code."""
     return dim * dim // d_out + num_queries * dim + dim // d_out * num_classes + num_classes
 
 
 class EfficientProbe(nn.Module):
-    """Efficient probing, EP_M (Psomas et al., spec registers_and_aggregation.md §3.1): [B, N, D] -> [B, C].
+    """Efficient probing, EP_M: [B, N, D] -> [B, C] (Psomas et al., "Attention, Please! Revisiting Attentive
+    Probing Through the Lens of Efficiency", ICLR 2026).
 
     M learnable queries score the tokens directly in feature space (no key projection: u_j = W_K^T q_j
     can be learned as one vector); one bias-free value projection D -> D/d_out is split channel-wise
