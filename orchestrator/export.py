@@ -13,7 +13,8 @@ The export directory holds
 ``export_run`` picks a run's checkpoint through the ``capi.checkpoint`` tag that tracking writes,
 logs the directory as the run's ``export`` artifacts and registers it as a version of a registered
 model with the alias ``champion``. MLflow 3's ``register_model("runs:/<id>/<dir>")`` only accepts
-logged models (ray_mlflow spec §0.6), so the version is created from the artifacts' URI directly.
+logged models (on a plain artifact directory it fails with "Unable to find a logged_model" and leaves an
+empty registered model behind), so the version is created from the artifacts' URI directly.
 """
 
 from __future__ import annotations

@@ -201,7 +201,7 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
                                  progress=lambda p: stage(f"probe {p}"))
         except ValueError as err:
             raise click.ClickException(f"dataset {name!r}: {err}") from None
-        if "knn" in probes:  # CAPI's own global representation (spec §8.1), beside mean pooling
+        if "knn" in probes:  # CAPI's own global representation (CAPI paper, Table 5), beside mean pooling
             from capi_core.eval.features import predictor_pooled_tokens
             from capi_core.eval.probes import run_probe
 

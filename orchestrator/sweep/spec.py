@@ -533,7 +533,8 @@ def _check_pbt(spec: SweepSpec, sched: PBT, reports: int) -> Iterator[Problem]:
                       f"run.checkpoint_every to a divisor of {interval}, got {run.checkpoint_every}")
         return
     # A donor keeps training while PBT exploits it; if retention prunes the checkpoint PBT picked,
-    # the copying trial fails ("does not exist on storage anymore", ray_mlflow spec §0.8).
+    # the copying trial fails (Ray 2.60: "Could not recover from checkpoint as it does not exist on storage
+    # anymore").
     written = (spec.base_config.optim.steps - 1) // run.checkpoint_every + 1
     if run.keep_checkpoints < written:
         yield Problem(("base", "overrides", "run", "keep_checkpoints"),

@@ -1,8 +1,9 @@
 """Running a sweep: one Ray Tune trial per CAPI run, each trial a Ray Train (V2) run, nested in MLflow.
 
-The Tune + Train V2 pattern (ray_mlflow spec §1.3): every trial is a Tune *function* that builds the
-trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``); a
-``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
+The Tune + Train V2 pattern of Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and
+``Tuner(trainer)`` is deprecated since Train V2 became the default): every trial is a Tune *function*
+that builds the trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``);
+a ``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
 scheduler see them. The trial function itself takes a token 0.01 CPU (it only waits); Train's workers
 hold the trial's resources, so ``max_concurrent_trials`` defaults to the number of trials the cluster
 holds.
@@ -22,7 +23,8 @@ best trial's metric as ``best/<metric>`` and its ids as tags) and one child run 
 ``mlflow.parentRunId`` and ``capi.trial_id``, logged by rank 0 (``orchestrator.tracking``). A child
 run is found again by its trial id, so retries and resumes append to it.
 
-PBT needs Tune-level checkpoints, which Train-in-Tune does not produce (spec §1.3). Under PBT the
+PBT needs Tune-level checkpoints, which Train-in-Tune does not produce (``TuneReportCallback``
+forwards rank 0's metrics and a ``checkpoint_path``, but no Tune checkpoint). Under PBT the
 trial function therefore reports to Tune itself: it runs the Train run in a thread, receives the
 probe reports through its own queue and reports each with a small Tune checkpoint that points at
 the Train checkpoint of that step. When PBT makes a trial exploit a donor, the trial starts a new
@@ -30,7 +32,7 @@ Train run (``<sweep>-<trial>-from-<donor>-<step>``) seeded with a copy of the do
 logging on into the trial's child run (its ``capi.pbt_exploits`` tag lists the donors). Limits: every exploit restarts a Train
 worker group (seconds on a CPU, more with GPUs), Train checkpoints are copied per exploit, and donor
 checkpoints must outlive retention (the sweep file check demands ``run.keep_checkpoints`` large
-enough, spec §0.8).
+enough, since Ray's PBT fails a trial whose donor checkpoint retention has already deleted).
 
 Limits: storage must be a local or shared filesystem every node sees.
 """
@@ -561,7 +563,9 @@ def _init_ray(spec: SweepSpec, address: str | None) -> bool:
         # need 2.02 logical CPUs, and with only 2 the second trial's workers never start.
         concurrent = spec.budget.max_concurrent_trials or 1
         cpus = max(os.cpu_count() or 1, math.ceil((per_trial + TRIAL_FN_CPU) * concurrent))
-        # The dashboard frees stopped trials' PGs (§0.2).
+        # Keep the dashboard: a trial that Tune stops takes its Train controller with it, and Ray frees that
+        # controller's placement group only after the dashboard's State API reports it dead. Without it,
+        # the leaked groups hold their CPUs and later trials wait forever.
         init_local_ray(num_cpus=cpus, include_dashboard=True)
     else:
         import capi_core
