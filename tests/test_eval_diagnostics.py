@@ -25,7 +25,8 @@ from capi_core.models.encoder import Encoder
 
 
 def injected_norms(seed: int = 0, fraction: float = 0.02):
-    """Spec T-R1/R2: norms of N(0, 1) tokens [200, 64, 64] (about 8), a random 2% of them scaled by 10."""
+    """Norms of N(0, 1) tokens [200, 64, 64] (about 8), a random 2% of them scaled by 10: outliers as the
+    Registers paper describes them (about 2% of the tokens, about 10x the typical norm)."""
     g = torch.Generator().manual_seed(seed)
     norms = torch.randn(200, 64, 64, generator=g).norm(dim=-1)  # [200, 64]
     mask = torch.zeros(200 * 64, dtype=torch.bool)

@@ -54,8 +54,9 @@ def test_pooled_cls_needs_a_cls_token():
 
 @pytest.mark.parametrize("pos_embed", ["learned", "rope"])
 def test_predictor_pooling_reads_the_first_predictor_block_at_every_position(pos_embed):
-    """Spec §8.1: encoder on all patches, a mask-token query at every position, the first predictor
-    block's output after the final norm, averaged over positions; deeper blocks are not used."""
+    """As CAPI's reference ``EncoderDecoder.forward``: encoder on all patches, a mask-token query at every
+    position, the first predictor block's output after the final norm, averaged over positions; deeper
+    blocks are not used."""
     from capi_core.models.student import Student
 
     cfg = build_config("cpu-tiny", {"model": {"pos_embed": pos_embed, "predictor_depth": 2}})

@@ -43,7 +43,7 @@ def separable(n: int, seed: int, num_classes: int = 4, dim: int = 16, tokens: in
 
 
 def needle(n: int, seed: int, num_tokens: int = 64, dim: int = 32, num_classes: int = 4, amp: float = 4.0):
-    """Spec T-B3: tokens are noise except one random patch carrying "object" + class-specific pattern.
+    """A needle task: tokens are noise except one random patch carrying "object" + class-specific pattern.
 
     Mean pooling divides the needle by N; a selective pooling can find it. Returns (Tokens, labels,
     needle positions).
@@ -196,7 +196,8 @@ def test_registers_are_excluded_unless_asked():
 
 
 def test_efficient_probe_parameter_count_matches_the_paper_formula():
-    # ViT-B, M = 32, C = 1000: 589,824 + 24,576 + 769,000 (spec §3.1, logs/mae_base/ep.txt).
+    # ViT-B, M = 32, C = 1000: 589,824 + 24,576 + 769,000, the "Trainable Parameters" that
+    # github.com/billpsomas/efficient-probing logs in logs/mae_base/ep.txt.
     assert ep_num_params(768, 1000, num_queries=32) == 1_383_400
     vit_b = EfficientProbe(768, 1000, num_queries=32)
     assert sum(p.numel() for p in vit_b.parameters() if p.requires_grad) == 1_383_400

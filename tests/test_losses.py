@@ -94,7 +94,7 @@ def test_cluster_usage():
 
 
 def test_losses_stay_fp32_inside_bf16_autocast():
-    # The trainer runs its forward under autocast; the CEs must not drop to bf16 there (spec §10.12).
+    # The trainer runs its forward under autocast; the CEs must stay fp32 there, as in the reference.
     logits, assign = _rand(2, 6, 32), _rand(2, 6, 32, seed=1).softmax(-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         inside = clustering_loss(logits, assign, temp=0.12)

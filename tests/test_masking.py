@@ -55,7 +55,7 @@ def test_deterministic_given_generator(strategy):
 
 def test_inverse_block_is_a_truncated_rectangle_within_aspect_bounds():
     grid, ratio = 16, 0.65
-    n_vis = grid * grid - int(grid * grid * ratio)  # 90, as in the reference (spec §3)
+    n_vis = grid * grid - int(grid * grid * ratio)  # 90, as in the reference (ViT-L/14 at 224 px)
     visible, _ = sample_masks("inverse_block", grid, ratio, 0.05, 256, _gen())
     cells = _bool_grid(visible, grid)
     heights = cells.any(2).sum(1)

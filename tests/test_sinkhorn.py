@@ -14,7 +14,7 @@ def _logits(n=4, b=32, k=16, scale=1.0, seed=0) -> torch.Tensor:
 
 
 def _reference_sk(logits: torch.Tensor, temp: float, iterations: int) -> torch.Tensor:
-    """Spec §5 step 2.4 written out in float64, one position at a time."""
+    """The reference's position-wise SK written out in float64, one position at a time."""
     out = []
     for s in logits.double() / temp:  # s: [B, K]
         q = torch.exp(s - s.max(dim=0).values)

@@ -1,4 +1,4 @@
-"""The training loop's invariants (spec §5 'detach summary'), learning, checkpoints and resume."""
+"""The training loop's invariants (what is detached, what trains what), learning, checkpoints and resume."""
 
 import json
 import math
