@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
-from capi_core.config import TrainConfig
+from capi_core.config import ModelConfig, TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.data.reader import train_batches
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
@@ -34,6 +34,7 @@ from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_e
 from capi_core.masking import mask_ratio_at, sample_masks
 from capi_core.models.heads import ClusteringHead
 from capi_core.models.student import Student, param_groups
+from capi_core.precision import choose_precision
 from capi_core.schedules import Schedules, ema_update_
 from capi_core.sinkhorn import sinkhorn_knopp
 
@@ -80,15 +81,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Whether to autocast to bf16. On a CPU without AMX, bf16 matmuls are slower than fp32 (measured
-    here: 34 vs 58 GFLOP/s on an AVX-512 Xeon), so 'auto' picks bf16 only where it pays."""
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or cpu_has_amx()
+def use_bf16(precision: str, device: torch.device, model: ModelConfig, cache_dir: Path | None = None) -> bool:
+    """Whether to autocast to bf16: ``run.precision`` if explicit, else measured (``capi_core.precision``)."""
+    return choose_precision(precision, device, model, cache_dir).dtype == "bf16"
 
 
 def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles (recorded with benchmark figures; precision no longer keys on it)."""
     try:
         with open("/proc/cpuinfo") as f:
             return "amx_bf16" in f.read()
@@ -129,7 +128,9 @@ class Trainer:
             # Sinkhorn targets and softmax tails hold subnormal floats; without flush-to-zero, x86 handles
             # each one in microcode. Measured on the cpu-demo step: 24 -> 200 img/s in fp32.
             torch.set_flush_denormal(True)
-        self.autocast_dtype = torch.bfloat16 if use_bf16(config.run.precision, self.device) else None
+        # Measured once per machine and model shape, then cached: see capi_core.precision.
+        self.precision = choose_precision(config.run.precision, self.device, config.model, config.data.cache_dir)
+        self.autocast_dtype = self.precision.autocast_dtype
 
         torch.manual_seed(config.run.seed)  # identical init on every rank
         self.student = Student(config).to(self.device)
@@ -268,11 +269,12 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or last:
                 elapsed = time.perf_counter() - t0
                 metrics = self._metrics(out, images_seen / max(elapsed, 1e-9))
-                t0, images_seen = time.perf_counter(), 0
                 if cfg.probe.every and self.step % cfg.probe.every == 0 and not last:
                     metrics.update(self.probe(dataset_dir))
                 for cb in self.callbacks:
                     cb.on_log(self, self.step, metrics)
+                # images/s counts training only: the probe and the callbacks' own time are left out.
+                t0, images_seen = time.perf_counter(), 0
             periodic = cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0
             if periodic and not last:
                 self._checkpoint(metrics)
@@ -314,15 +316,17 @@ class Trainer:
     @torch.no_grad()
     def probe(self, dataset_dir: Path) -> dict[str, float]:
         """The online probe: weighted k-NN top-1 (%) of the EMA teacher's mean-pooled patch features on a
-        fixed probe set, the same architecture at its seeded random init (cached on disk) and the gain."""
-        p = self.config.probe
+        fixed probe set, the same architecture at its seeded random init (cached on disk), the gain, and
+        the probe's own cost in seconds."""
+        p, start = self.config.probe, time.perf_counter()
         if self._probe_set is None:
             self._probe_set = online_probe_set(dataset_dir, self.config.model.img_size, p)
         if self._baseline is None:
             self._baseline = random_init_knn(self.config, self._probe_set, self.config.data.cache_dir,
                                              self.device, self.autocast_dtype).knn_top1
         trained = knn_score(self.teacher.encoder, self._probe_set, p.k, p.temperature, self.autocast_dtype)
-        return probe_metrics(trained, self._baseline)
+        # probe/seconds: what this probe cost (the first also loads the images and, uncached, the baseline).
+        return {**probe_metrics(trained, self._baseline), "probe/seconds": time.perf_counter() - start}
 
     @property
     def probe_set(self) -> ProbeSet | None:

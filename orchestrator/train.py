@@ -120,6 +120,8 @@ class LogLines(Callback):
     """Prints one progress line per log step on rank 0 (Ray forwards it to the driver's console)."""
 
     def on_start(self, trainer: Trainer) -> None:
+        if trainer.is_main:
+            _say(f"precision: {trainer.precision.describe()}")
         if trainer.is_main and trainer.step:
             _say(f"resumed at step {trainer.step}/{trainer.config.optim.steps}")
 

@@ -79,7 +79,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
         dev = pick_device(device)
     except RuntimeError as err:
         raise click.UsageError(str(err)) from None
-    return model.to(dev), config, torch.bfloat16 if use_bf16(precision, dev) else None
+    return model.to(dev), config, torch.bfloat16 if use_bf16(precision, dev, config.model) else None
 
 
 def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):

@@ -24,6 +24,7 @@ def _progress_callback(total_steps: int):
                                      transient=False, disable=not sys.stderr.isatty())
             self.progress.start()
             self.task = self.progress.add_task("train", total=total_steps, completed=trainer.step, info="")
+            click.echo(f"precision: {trainer.precision.describe()}", err=True)
 
         def on_log(self, trainer, step, metrics):
             if not trainer.is_main:
