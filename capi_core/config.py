@@ -126,6 +126,10 @@ class OptimConfig(_Strict):
     ema_momentum: float | None = Field(
         None, ge=0.0, lt=1.0, description="momentum at the end of warmup; None: tied to lr, m = 1 - lr (paper)"
     )
+    ema_final: float = Field(
+        1.0, gt=0.0, le=1.0, description="where the momentum's cosine ends when ema_momentum is set; 1.0: the "
+        "teacher settles (paper); ema_momentum keeps it moving to the end, for short runs"
+    )
     fused: bool = Field(True, description="fused AdamW where the device supports it")
 
     @model_validator(mode="after")

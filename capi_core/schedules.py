@@ -53,11 +53,11 @@ class Schedules:
 
     def momentum(self, step: int) -> float:
         """1.0 at step 0 (the teacher starts frozen at its init), ``ema_momentum`` at the end of warmup,
-        then back toward 1.0; with ``ema_momentum`` None it is the paper's m = 1 - lr."""
+        then toward ``ema_final`` (1.0 by default); with ``ema_momentum`` None it is the paper's m = 1 - lr."""
         o = self.optim
         if o.ema_momentum is None:
             return 1.0 - self.lr(step)
-        return warmup_cosine(step, o.steps, o.warmup_steps, 1.0, o.ema_momentum, 1.0, o.truncate_cos)
+        return warmup_cosine(step, o.steps, o.warmup_steps, 1.0, o.ema_momentum, o.ema_final, o.truncate_cos)
 
 
 @torch.no_grad()
