@@ -46,7 +46,13 @@ def machine() -> dict:
         pass
     from capi_core.train import cpu_has_amx
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    flags = []
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+        flags = sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma")))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "flags": " ".join(flags), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "amx": cpu_has_amx(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(),
             "load_average_at_start": round(os.getloadavg()[0], 2),

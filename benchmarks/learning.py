@@ -1,0 +1,174 @@
+"""What CAPI learns on this machine, against baselines measured in the same run.
+
+    .venv/bin/python benchmarks/learning.py demo                     # cpu-demo: train, then the full test set
+    .venv/bin/python benchmarks/learning.py demo --preset cpu-long   # the ~60-minute preset
+    .venv/bin/python benchmarks/learning.py noise --seeds 3          # the online probe's noise over seeds
+    .venv/bin/python benchmarks/learning.py demo optim.steps=200     # any config override
+
+``demo`` trains a preset with the trainer's online probe (its curve against minutes is printed and
+kept), then scores the final EMA teacher on the whole Fashion-MNIST test set with the protocols of
+``capi eval``: weighted k-NN (k=20, T=0.07, cosine) of mean-pooled patch features with all 60,000
+train images as its memory, and CAPI's attentive probe on 10,000 train images. Baselines in the same
+run and on the same images: the same architecture at its seeded random init, and k-NN on raw pixels.
+
+``noise`` trains the same configuration with several seeds and reports the spread of the online
+probe's ``probe/knn_top1`` and ``probe/knn_gain`` at equal training, and what the probe cost as a
+share of each run: the figure behind "differences below N points are noise".
+
+Figures print as a table and are written as JSON to ``benchmarks/results/learning-<name>.json`` with
+the machine (CPU model and flags, load average) they were measured on. Nothing here is asserted:
+quality targets are read off these figures, never tested by timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+
+from run_all import machine  # noqa: E402
+
+from capi_core.config import build_config  # noqa: E402
+from capi_core.data import resolve_dataset  # noqa: E402
+from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
+from capi_core.eval.knn import knn_top1  # noqa: E402
+from capi_core.eval.online_probe import load_probe_set, random_init_encoder  # noqa: E402
+from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
+from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class Curve(Callback):
+    """The online probe's figures against training minutes (probe time excluded) and steps."""
+
+    def __init__(self):
+        self.points: list[dict] = []
+        self.train_s = 0.0
+        self.probe_s = 0.0
+        self._mark = None
+
+    def on_start(self, trainer):
+        self._mark = time.perf_counter()
+
+    def on_log(self, trainer, step, metrics):
+        now = time.perf_counter()
+        spent = now - self._mark
+        probe = metrics.get("probe/seconds", 0.0)
+        self.train_s += spent - probe
+        self.probe_s += probe
+        self._mark = now
+        if "probe/knn_top1" in metrics:
+            self.points.append({"step": step, "train_min": round(self.train_s / 60, 2),
+                                **{k: round(v, 2) for k, v in metrics.items() if k.startswith("probe/")}})
+            p = self.points[-1]
+            print(f"  step {step:>5}  {p['train_min']:6.2f} min  k-NN {p['probe/knn_top1']:.2f}%  "
+                  f"gain {p['probe/knn_gain']:+.2f}  (probe {probe:.1f} s)", flush=True)
+
+    on_end = on_log
+
+
+def train(preset: str, overrides: list[str], out_dir: Path) -> tuple[Trainer, Curve, float]:
+    cfg = build_config(preset, [f"run.output_dir={out_dir}", *overrides])
+    curve = Curve()
+    trainer = Trainer(cfg, [JsonlMetrics(), curve])
+    print(f"{preset}: {cfg.optim.steps} steps at batch {cfg.optim.batch_size}, precision "
+          f"{trainer.precision.describe()}", flush=True)
+    start = time.perf_counter()
+    trainer.fit()
+    return trainer, curve, time.perf_counter() - start
+
+
+def full_test_scores(encoder, cfg, autocast, attentive_train: int) -> dict[str, float]:
+    """k-NN with the whole train split as memory and the attentive probe on ``attentive_train`` images,
+    both scored on the whole test split."""
+    ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
+    full = load_probe_set(ds, cfg.model.img_size, None, None)
+    f_train = pooled_features(encoder, full.train_x, batch_size=1024, autocast_dtype=autocast)
+    f_test = pooled_features(encoder, full.test_x, batch_size=1024, autocast_dtype=autocast)
+    scores = {"knn_full": knn_top1(f_train, full.train_y, f_test, full.test_y, k=20, temperature=0.07)}
+    if attentive_train:
+        sub = load_probe_set(ds, cfg.model.img_size, attentive_train, None)
+        tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
+                  for x in (sub.train_x, sub.test_x)]
+        (result,) = run_probes(tokens[0], sub.train_y, tokens[1], sub.test_y, probes=["attentive"],
+                               protocol=ProbeProtocol(seed=0))
+        scores["attentive"] = result.top1
+    return scores
+
+
+def raw_pixels_knn(cfg) -> float:
+    full = load_probe_set(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size, None, None)
+    return knn_top1(full.train_x.flatten(1), full.train_y, full.test_x.flatten(1), full.test_y, k=20,
+                    temperature=0.07)
+
+
+def demo(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, curve, wall = train(args.preset, args.overrides, Path(tmp))
+    cfg, autocast = trainer.config, trainer.autocast_dtype
+    print(f"trained in {wall / 60:.1f} min ({curve.train_s / 60:.1f} training, {curve.probe_s / 60:.1f} probing); "
+          f"scoring on the full test set", flush=True)
+    trained = full_test_scores(trainer.teacher.encoder, cfg, autocast, args.attentive_train)
+    untrained = full_test_scores(random_init_encoder(cfg), cfg, autocast, args.attentive_train)
+    pixels = raw_pixels_knn(cfg)
+    rows = [("k-NN, 60k train memory, full test", trained["knn_full"], untrained["knn_full"], pixels)]
+    if "attentive" in trained:
+        rows.append((f"attentive probe, {args.attentive_train:,} train, full test", trained["attentive"],
+                     untrained["attentive"], None))
+    print(f"\n{'protocol':<44} {'trained':>8} {'random init':>12} {'raw pixels':>11}")
+    for name, a, b, c in rows:
+        print(f"{name:<44} {a:>8.2f} {b:>12.2f} {'' if c is None else f'{c:.2f}':>11}")
+    return {"preset": args.preset, "overrides": args.overrides, "wall_min": round(wall / 60, 2),
+            "train_min": round(curve.train_s / 60, 2), "probe_min": round(curve.probe_s / 60, 2),
+            "curve": curve.points, "trained": trained, "random_init": untrained, "raw_pixels_knn": pixels}
+
+
+def noise(args) -> dict:
+    runs = []
+    for seed in range(args.seeds):
+        with tempfile.TemporaryDirectory() as tmp:
+            _, curve, wall = train(args.preset, [*args.overrides, f"run.seed={seed}"], Path(tmp))
+        final = curve.points[-1]
+        runs.append({"seed": seed, "wall_s": round(wall, 1), "probe_share": round(curve.probe_s / wall, 3),
+                     **final})
+    top1 = [r["probe/knn_top1"] for r in runs]
+    gain = [r["probe/knn_gain"] for r in runs]
+    summary = {"knn_top1_mean": statistics.mean(top1), "knn_top1_std": statistics.stdev(top1),
+               "knn_gain_mean": statistics.mean(gain), "knn_gain_std": statistics.stdev(gain),
+               "probe_share_max": max(r["probe_share"] for r in runs)}
+    print(f"\nprobe/knn_top1 over {args.seeds} seeds: {summary['knn_top1_mean']:.2f} +- "
+          f"{summary['knn_top1_std']:.2f} (std); gain {summary['knn_gain_mean']:+.2f} +- "
+          f"{summary['knn_gain_std']:.2f}; the probe took at most {100 * summary['probe_share_max']:.1f} % of a run")
+    return {"preset": args.preset, "overrides": args.overrides, "runs": runs, **summary}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("demo", "noise"))
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
+    parser.add_argument("--preset", default="cpu-demo")
+    parser.add_argument("--seeds", type=int, default=3, help="noise: runs with seeds 0..N-1")
+    parser.add_argument("--attentive-train", type=int, default=10_000,
+                        help="demo: train images for the attentive probe (0: skip it)")
+    parser.add_argument("--name", default=None, help="results file name (default: what and preset)")
+    args = parser.parse_intermixed_args()
+    figures = demo(args) if args.what == "demo" else noise(args)
+    record = {"machine": machine(), **figures}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"learning-{args.name or f'{args.what}-{args.preset}'}.json"
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    torch.set_flush_denormal(True)
+    main()
