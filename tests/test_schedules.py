@@ -99,3 +99,14 @@ def test_ema_update_matches_formula_and_edge_momenta():
 def test_ema_update_rejects_mismatched_lists():
     with pytest.raises(ValueError, match="EMA over 1 teacher and 2 student"):
         ema_update_([torch.zeros(1)], [torch.zeros(1), torch.zeros(1)], 0.9)
+
+
+def test_ema_final_sets_where_the_momentum_ends():
+    def momentum(**kw):
+        return Schedules(OptimConfig(steps=100, warmup_fraction=0.1, ema_momentum=0.99, **kw), 0.5).momentum
+
+    flat = momentum(ema_final=0.99)
+    assert flat(0) == 1.0  # still frozen at its init on the first step
+    assert all(flat(s) == pytest.approx(0.99) for s in (10, 50, 99))  # then it keeps moving to the end
+    settling = momentum()  # the paper's shape: back toward 1.0
+    assert settling(99) > 0.999 and settling(99) > settling(50) > settling(10)
