@@ -109,4 +109,4 @@ def test_ema_final_sets_where_the_momentum_ends():
     assert flat(0) == 1.0  # still frozen at its init on the first step
     assert all(flat(s) == pytest.approx(0.99) for s in (10, 50, 99))  # then it keeps moving to the end
     settling = momentum()  # the paper's shape: back toward 1.0
-    assert settling(99) > 0.999 and settling(99) > settling(50) > settling(10)
+    assert settling(99) > 0.998 and settling(99) > settling(50) > settling(10)
