@@ -134,7 +134,7 @@ def probe_metrics(trained: float, baseline: float) -> dict[str, float]:
 # How far apart two probe scores must be to mean something.
 
 # Standard deviation (points) of probe/knn_top1 over training seeds at equal training, measured with
-# benchmarks/probe_noise.py, keyed by (dataset name, image size, probe train images, probe test images).
+# `benchmarks/learning.py noise`, keyed by (dataset name, image size, probe train images, probe test images).
 MEASURED_NOISE: dict[tuple[str, int, int, int], float] = {}
 
 
@@ -150,9 +150,9 @@ class ProbeNoise:
         return 2.0 * self.sigma
 
     def sentence(self) -> str:
-        how = ("the spread of probe/knn_top1 over training seeds, measured by benchmarks/probe_noise.py" if
+        how = ("the spread of probe/knn_top1 over training seeds, measured by `benchmarks/learning.py noise`" if
                self.measured else "the binomial sampling error of the probe's query images; not measured for "
-               "this probe set (benchmarks/probe_noise.py measures it)")
+               "this probe set (`benchmarks/learning.py noise` measures it)")
         return (f"probe set {self.probe_set}; differences below {self.threshold:.1f} points are noise "
                 f"(2 x {self.sigma:.2f}: {how})")
 

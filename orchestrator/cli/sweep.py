@@ -80,6 +80,11 @@ def _print_summary(spec, file: Path) -> None:
     console.print(f"tracking: MLflow experiment '{spec.mlflow.experiment or spec.name}'"
                   + (f" at {safe_uri(spec.mlflow.tracking_uri)}" if spec.mlflow.tracking_uri else "")
                   + f"; trials under {spec.storage}; up to {spec.failure.max_failures} restart(s) per trial")
+    from orchestrator.sweep.tune import noise_note
+
+    noise = noise_note(spec)
+    if noise:
+        console.print(f"probe: {noise}")
 
 
 _STORAGE_HELP = "where sweeps live (a sweep file's storage); default: the sweep schema's default"
