@@ -43,3 +43,17 @@ def test_cpu_shares_sees_a_busy_process():
     shares = cpu.shares(start, end, lambda pid, cmd: pid == busy.pid)
     cpus = os.cpu_count() or 1
     assert shares["training"] > 0.5 / cpus  # a busy loop holds most of one core
+
+
+def test_every_run_of_the_recipe_study_is_a_valid_config():
+    from recipe_study import load_study, overrides_of
+
+    from capi_core.config import build_config
+
+    root = Path(__file__).resolve().parents[1]
+    study = load_study(root / "sweeps" / "study" / "cpu_recipe.yaml")
+    names = [r["name"] for r in study["runs"]]
+    assert len(names) == len(set(names)) and study["reference"] in names
+    for r in study["runs"]:
+        cfg = build_config(study["base"]["preset"], overrides_of(study, r))
+        assert cfg.probe.test_images == 5000 and cfg.optim.steps % cfg.probe.every == 0
