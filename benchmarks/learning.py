@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -132,14 +134,20 @@ def demo(args) -> dict:
             "curve": curve.points, "trained": trained, "random_init": untrained, "raw_pixels_knn": pixels}
 
 
+def _noise_run(preset: str, overrides: list[str], seed: int) -> dict:
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
+    return {"seed": seed, "wall_s": round(wall, 1), "probe_share": round(curve.probe_s / wall, 3),
+            **curve.points[-1]}
+
+
 def noise(args) -> dict:
-    runs = []
-    for seed in range(args.seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            _, curve, wall = train(args.preset, [*args.overrides, f"run.seed={seed}"], Path(tmp))
-        final = curve.points[-1]
-        runs.append({"seed": seed, "wall_s": round(wall, 1), "probe_share": round(curve.probe_s / wall, 3),
-                     **final})
+    """``args.parallel`` runs at a time, each in its own process (give them run.threads=1 to share cores
+    the way sweep trials do)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
+        runs = list(pool.map(_noise_run, *zip(*[(args.preset, args.overrides, s) for s in range(args.seeds)])))
     top1 = [r["probe/knn_top1"] for r in runs]
     gain = [r["probe/knn_gain"] for r in runs]
     summary = {"knn_top1_mean": statistics.mean(top1), "knn_top1_std": statistics.stdev(top1),
@@ -157,6 +165,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="noise: runs with seeds 0..N-1")
+    parser.add_argument("--parallel", type=int, default=1, help="noise: runs at a time, each in its own process")
     parser.add_argument("--attentive-train", type=int, default=10_000,
                         help="demo: train images for the attentive probe (0: skip it)")
     parser.add_argument("--name", default=None, help="results file name (default: what and preset)")

@@ -320,7 +320,8 @@ class Trainer:
         the probe's own cost in seconds."""
         p, start = self.config.probe, time.perf_counter()
         if self._probe_set is None:
-            self._probe_set = online_probe_set(dataset_dir, self.config.model.img_size, p)
+            self._probe_set = online_probe_set(dataset_dir, self.config.model.img_size, p,
+                                               self.config.data.cache_dir)
         if self._baseline is None:
             self._baseline = random_init_knn(self.config, self._probe_set, self.config.data.cache_dir,
                                              self.device, self.autocast_dtype).knn_top1

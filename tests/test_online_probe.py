@@ -102,3 +102,18 @@ def test_a_corrupt_cache_entry_is_recomputed(tiny_dataset, tmp_path):
     assert not again.cached and again.knn_top1 == first.knn_top1
     assert random_init_knn(cfg, probe_set, tmp_path / "cache").cached
     assert knn_score(random_init_encoder(cfg), probe_set, 5, 0.07) == first.knn_top1
+
+
+def test_the_probe_set_is_cached_decoded_and_read_back_identical(tiny_dataset, tmp_path, monkeypatch):
+    first = load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path)
+    (entry,) = (tmp_path / "probe-sets").glob("*.safetensors")
+    from capi_core.eval import online_probe as op
+
+    monkeypatch.setattr(op, "load_split", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path)
+    assert again.key == first.key and again.description == first.description
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert torch.equal(getattr(again, name), getattr(first, name))
+    entry.write_bytes(b"not safetensors")  # a damaged entry is decoded anew, not trusted
+    monkeypatch.undo()
+    assert torch.equal(load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path).test_x, first.test_x)

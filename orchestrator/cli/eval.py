@@ -104,7 +104,8 @@ def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: i
     if manifest.channels != config.model.in_chans:
         raise click.ClickException(f"dataset {name!r} has {manifest.channels}-channel images but the checkpoint's "
                                    f"model takes {config.model.in_chans} (model.in_chans)")
-    return name, load_probe_set(path, config.model.img_size, limit_train or None, limit_test or None, seed=seed)
+    return name, load_probe_set(path, config.model.img_size, limit_train or None, limit_test or None, seed=seed,
+                                cache_dir=config.data.cache_dir)
 
 
 def _write_json(path: Path, data: dict) -> None:
