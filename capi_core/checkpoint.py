@@ -7,11 +7,9 @@ hyperparameters, caller metadata such as the MLflow run id). Nothing is ever unp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from capi_core.atomic import atomic_directory
 from capi_core.config import TrainConfig
 
 WEIGHTS = "model.safetensors"
@@ -32,28 +31,6 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:07d}"
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: Path):
-    """Yield a temporary sibling of ``directory`` to fill; on success it replaces ``directory`` by
-    rename, on error it is removed, so readers never see a half-written directory."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
-        yield tmp
-        if directory.exists():  # replacing: swap, then drop the old copy
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            directory.rename(old)
-            tmp.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:

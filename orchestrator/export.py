@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from capi_core.checkpoint import atomic_directory
+from capi_core.atomic import atomic_directory
 from capi_core.config import TrainConfig, flatten
 
 WEIGHTS = "model.safetensors"

@@ -20,16 +20,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from capi_core.atomic import atomic_write, atomic_write_text
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -149,20 +148,8 @@ def verify_dataset(dataset_dir: str | Path) -> Manifest:
     return manifest
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file next to ``path``, fsync, then ``os.replace`` it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
-    atomic_write(dataset_dir / MANIFEST, lambda tmp: tmp.write_text(manifest.model_dump_json(indent=2) + "\n"))
+    atomic_write_text(dataset_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
 
 
 def sha256_file(path: Path) -> str:

@@ -29,9 +29,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from capi_core.atomic import atomic_write
 from capi_core.config import ProbeConfig, TrainConfig
 from capi_core.data import cache_root
-from capi_core.data.format import atomic_write, load_manifest
+from capi_core.data.format import load_manifest
 from capi_core.data.reader import load_split
 from capi_core.eval.features import pooled_features
 from capi_core.eval.knn import knn_top1

@@ -7,14 +7,13 @@ and shown as RGB next to each input. Every writer returns the path it wrote; fil
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capi_core.atomic import atomic_write
 from capi_core.eval.diagnostics import attention_maps, attention_recorder
 from capi_core.eval.features import extract_features, final_tokens, frozen, grid_shape, prefix_layout
 
@@ -59,15 +58,10 @@ def _save(fig, path: Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

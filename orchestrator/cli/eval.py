@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import click
+
+from capi_core.atomic import atomic_write_text
 
 PROBE_CHOICES = ("knn", "linear", "attentive", "abmilp", "ep")  # "linear" = [cls] and mean-pooled
 
@@ -109,17 +109,8 @@ def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: i
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Atomically: a temporary file in the same directory, then os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def _parse_probes(text: str) -> list[str]:

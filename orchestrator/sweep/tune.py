@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capi_core.atomic import atomic_directory, atomic_write_text
 from capi_core.config import TrainConfig
 from orchestrator.sweep.spec import Distribution, SweepSpec
 
@@ -85,7 +86,7 @@ class SweepState:
     parent_run_id: str
 
     def save(self, directory: Path) -> None:
-        _write_atomic(Path(directory) / STATE_FILE, json.dumps(asdict(self), indent=1))
+        atomic_write_text(Path(directory) / STATE_FILE, json.dumps(asdict(self), indent=1))
 
     @classmethod
     def load(cls, directory: Path) -> SweepState:
@@ -394,14 +395,11 @@ def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str)
     if (run_dir / SNAPSHOT).exists() or list_checkpoints(run_dir):
         return  # a restart of this exploit: Train resumes the run itself
     source = Path(donor["checkpoint"])
-    target = run_dir / "checkpoints" / source.name
-    tmp = target.with_name(f".{target.name}.seed")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    state = json.loads((tmp / STATE).read_text())
-    state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    os.replace(tmp, target)
+    with atomic_directory(run_dir / "checkpoints" / source.name) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        state = json.loads((tmp / STATE).read_text())
+        state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -647,7 +645,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
         run_spec = portable(spec, directory)
         state = _open_parent(spec, uri, source.read_text() if source else None)
         state.save(directory)
-        _write_atomic(directory / SPEC_FILE, run_spec.model_dump_json(indent=1))
+        atomic_write_text(directory / SPEC_FILE, run_spec.model_dump_json(indent=1))
         if source is not None:
             shutil.copyfile(source, directory / YAML_FILE)
         max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
@@ -841,8 +839,3 @@ def _read_results(path: Path) -> list[dict[str, Any]]:
             continue  # a line cut short by a crash
     return out
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
