@@ -72,6 +72,19 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / STATE).is_file() and (p / WEIGHTS).is_file())
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``run_dir/checkpoints``; None if it has none."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def find_checkpoint(path: Path) -> Path | None:
+    """``path`` itself if it is a checkpoint directory, else the latest checkpoint of the run directory
+    ``path``; None if it is neither."""
+    path = Path(path)
+    return path if (path / STATE).exists() else latest_checkpoint(path)
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for path in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
@@ -130,11 +143,11 @@ def _load_part(path: Path, which: str, part: str, build):
     if which not in ("teacher", "student"):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
-    if path.is_dir() and not (path / STATE).exists():  # a run directory: take its latest checkpoint
-        found = list_checkpoints(path)
-        if not found:
+    if path.is_dir():  # a checkpoint, or a run directory: then its latest checkpoint
+        found = find_checkpoint(path)
+        if found is None:
             raise CheckpointError(f"no checkpoint found in {path}")
-        path = found[-1]
+        path = found
     tensors, state = load_checkpoint(path)
     try:
         config = TrainConfig.model_validate(state["config"])

@@ -361,14 +361,9 @@ class Trainer:
             cb.on_checkpoint(self, self.step, path, metrics)
 
     def _resume(self, resume: Path | str) -> None:
-        path = Path(resume)
-        if (path / ckpt.STATE).exists():
-            target = path
-        else:  # a run directory: its latest checkpoint, if any
-            found = ckpt.list_checkpoints(path)
-            if not found:
-                return
-            target = found[-1]
+        target = ckpt.find_checkpoint(Path(resume))  # a checkpoint, or a run directory's latest
+        if target is None:
+            return
         tensors, state = ckpt.load_checkpoint(target)
         saved = TrainConfig.model_validate(state["config"])
         if saved.model != self.config.model or saved.clustering.num_clusters != self.config.clustering.num_clusters:

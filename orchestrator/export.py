@@ -61,12 +61,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[
     """
     from safetensors.torch import save_file
 
-    from capi_core.checkpoint import STATE, CheckpointError, list_checkpoints, load_encoder
+    from capi_core.checkpoint import STATE, CheckpointError, find_checkpoint, load_encoder
 
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir() and not (checkpoint / STATE).exists():
-        found = list_checkpoints(checkpoint)
-        checkpoint = found[-1] if found else checkpoint
+    checkpoint = find_checkpoint(checkpoint) or Path(checkpoint)
     try:
         encoder, config = load_encoder(checkpoint, "teacher")
     except CheckpointError as err:

@@ -80,10 +80,10 @@ def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialRe
         if not any(t.curves.values()):
             t.curves = _jsonl_curves(run_dir / "metrics.jsonl", (spec.search.metric, *CURVE_METRICS))
         if t.checkpoint is None:
-            from capi_core.checkpoint import list_checkpoints
+            from capi_core.checkpoint import latest_checkpoint
 
-            found = list_checkpoints(run_dir)
-            t.checkpoint = str(found[-1]) if found else None
+            found = latest_checkpoint(run_dir)
+            t.checkpoint = str(found) if found else None
         if row.params:
             t.registers = spec.trial_config(row.params).model.registers
         trials.append(t)

@@ -443,13 +443,13 @@ def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metri
 
 def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The metrics saved in a finished run's last checkpoint (with its step), or None if unfinished."""
-    from capi_core.checkpoint import STATE, list_checkpoints
+    from capi_core.checkpoint import STATE, latest_checkpoint
 
-    found = list_checkpoints(run_dir)
-    if not found:
+    found = latest_checkpoint(run_dir)
+    if found is None:
         return None
     try:
-        state = json.loads((found[-1] / STATE).read_text())
+        state = json.loads((found / STATE).read_text())
     except (OSError, ValueError):
         return None
     if int(state.get("step", 0)) < config.optim.steps:
