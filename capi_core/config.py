@@ -1,6 +1,10 @@
 """Typed configuration for CAPI pretraining: the one place where defaults live.
 
 Every other module (trainer, CLI, sweep loader) takes these models; none restates a default.
+The bottom of the file is the one translation between a TrainConfig and dotted field paths
+(``"optim.lr"``), which the CLI's overrides, the sweep file and MLflow params all speak:
+``with_fields`` (dotted values -> a validated config), ``flatten`` (back), ``field_type`` (a
+path's annotation) and ``error_lines`` / ``describe`` (pydantic's errors, located by path).
 Names follow the CAPI paper (Darcet et al., "Cluster and Predict Latent Patches for Improved Masked Image
 Modeling", TMLR 2025) and its reference code: ``student_temp``, ``teacher_temp``, ``num_clusters``,
 ``registers``. Presets at the bottom; paper-scale values are in ``vit-s/b/l``.
@@ -8,6 +12,8 @@ Modeling", TMLR 2025) and its reference code: ``student_temp``, ``teacher_temp``
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -302,16 +308,6 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "config"
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{field}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "value_error" and "input" in e
-                                            and not isinstance(e["input"], dict) else ""))
-    return "invalid configuration:\n  " + "\n  ".join(lines)
-
-
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["optim.lr=1e-3", "model.registers=8"]`` -> nested dict; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -347,7 +343,7 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | list[str
     try:
         return TrainConfig.model_validate(_merge(base, overrides or {}))
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(error_lines(err))) from None
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
@@ -379,3 +375,77 @@ def _flatten_into(out: dict[str, Any], key: str, value: Any) -> None:
     else:
         out[key] = value
 
+
+# --------------------------------------------------------------------------------------------------
+# Dotted field paths: the one translation between a TrainConfig and ``{"optim.lr": 1e-3, ...}``.
+
+
+def dotted(mapping: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1e-3}, "model.registers": 4}`` -> ``{"optim.lr": 1e-3, "model.registers": 4}``."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def field_type(path: str) -> Any:
+    """The annotation of a dotted TrainConfig field (``"model.registers"`` -> int); ConfigError, with
+    the closest name, if ``path`` names no field."""
+    model: type[BaseModel] = TrainConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i]) or "TrainConfig"
+            close = difflib.get_close_matches(part, fields, n=1)
+            hint = f"did you mean {'.'.join(parts[:i] + close)!r}? " if close else ""
+            raise ConfigError(f"unknown field {path!r}: {hint}{where} has {', '.join(fields)}")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if i == len(parts) - 1:
+            if is_section:
+                raise ConfigError(f"{path!r} is a section; name one of its fields: "
+                                  f"{', '.join(annotation.model_fields)}")
+            return annotation
+        if not is_section:
+            raise ConfigError(f"unknown field {path!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
+        model = annotation
+    raise ConfigError("empty field path")
+
+
+def with_fields(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
+    """``config`` with dotted fields replaced (``{"run.name": "t1", "optim.lr": 2e-3}``), validated as a
+    whole so that cross-field checks run. Paths must name fields (``field_type``); raises pydantic's
+    ValidationError, whose locs are the dotted paths (``error_lines`` words them)."""
+    data = config.model_dump()
+    for path, value in values.items():
+        *sections, name = path.split(".")
+        node = data
+        for key in sections:
+            node = node[key]
+        node[name] = value
+    return TrainConfig.model_validate(data)
+
+
+def error_message(error: dict[str, Any]) -> str:
+    """One pydantic error's message without pydantic's ``Value error, `` prefix."""
+    return error["msg"].removeprefix("Value error, ")
+
+
+def error_lines(err: ValidationError, inputs: bool = True) -> list[str]:
+    """``["optim.lr: Input should be less than or equal to 1 (got 2.0)", ...]``, one per error;
+    ``inputs``: name the rejected value where it is a plain one (not for a validator's own message)."""
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "config"
+        shown = inputs and e["type"] != "value_error" and "input" in e and not isinstance(e["input"], dict)
+        lines.append(f"{field}: {error_message(e)}" + (f" (got {e['input']!r})" if shown else ""))
+    return lines
+
+
+def describe(err: ValidationError) -> str:
+    """``error_lines`` on one line, without the rejected values: ``field: message; field: message``."""
+    return "; ".join(error_lines(err, inputs=False))

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
-from capi_core.config import TrainConfig
+from capi_core.config import TrainConfig, with_fields
 from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.tracking import MlflowTracking, TrackingOptions
@@ -184,7 +184,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix=f"capi-{config.run.name}-"))
     try:
-        worker_config = config.model_copy(update={"run": config.run.model_copy(update={"output_dir": scratch})})
+        worker_config = with_fields(config, {"run.output_dir": scratch})
         run_path = loop["run_path"]
         callbacks: list[Callback] = [RayReport(), LogLines()]
         if loop["local_run_dir"]:
@@ -213,15 +213,12 @@ def train_loop(loop: dict[str, Any]) -> None:
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """The config with local paths made absolute: Ray workers run in their own working directories."""
     data = config.data
-    updates: dict[str, Any] = {}
+    updates: dict[str, Any] = {"run.output_dir": config.run.output_dir.expanduser().resolve()}
     if Path(data.dataset).expanduser().exists():
-        updates["dataset"] = str(Path(data.dataset).expanduser().resolve())
+        updates["data.dataset"] = str(Path(data.dataset).expanduser().resolve())
     if data.cache_dir is not None:
-        updates["cache_dir"] = data.cache_dir.expanduser().resolve()
-    return config.model_copy(update={
-        "data": data.model_copy(update=updates),
-        "run": config.run.model_copy(update={"output_dir": config.run.output_dir.expanduser().resolve()}),
-    })
+        updates["data.cache_dir"] = data.cache_dir.expanduser().resolve()
+    return with_fields(config, updates)
 
 
 def run_path(config: TrainConfig, scaling: ScalingOptions) -> str:
@@ -245,11 +242,8 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
-    run = config.run.model_copy(update={
-        "device": "cuda" if use_gpu else "cpu",
-        "threads": config.run.threads or max(1, int(scaling.cpus_per_worker)),
-    })
-    config = config.model_copy(update={"run": run})
+    config = with_fields(config, {"run.device": "cuda" if use_gpu else "cpu",
+                                  "run.threads": config.run.threads or max(1, int(scaling.cpus_per_worker))})
     path = run_path(config, scaling)
     local = "://" not in path
     fallback = path if local and not Path(path, SNAPSHOT).exists() and list_checkpoints(Path(path)) else None

@@ -35,7 +35,8 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from capi_core.config import PRESETS, ConfigError, TrainConfig, build_config, load_config, parse_overrides
+from capi_core.config import (PRESETS, ConfigError, TrainConfig, build_config, describe, dotted, error_message,
+                               field_type, load_config, parse_overrides, with_fields)
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
@@ -105,7 +106,7 @@ class Base(_Strict):
                 raise ValueError(str(err)) from None
         if not isinstance(overrides, dict):
             return overrides  # pydantic reports the wrong type
-        return dict(_dotted(overrides))
+        return dotted(overrides)
 
     @model_validator(mode="after")
     def _one_source(self) -> Base:
@@ -264,23 +265,20 @@ class SweepSpec(_Strict):
         try:
             return self._build_base()
         except ValidationError as err:
-            raise ConfigError(f"invalid base configuration: {_describe(err)}") from None
+            raise ConfigError(f"invalid base configuration: {describe(err)}") from None
 
     def _build_base(self) -> TrainConfig:
         start = build_config(self.base.preset) if self.base.config is None else load_config(self.base.config)
-        return _apply(start, self.base.overrides)
+        return with_fields(start, self.base.overrides)
 
     def trial_config(self, params: Mapping[str, Any]) -> TrainConfig:
         """The base config with a trial's dotted values set, e.g. ``{"loss.teacher_temp": 0.05}``."""
         for path in params:
-            try:
-                _field_type(path)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
+            field_type(path)  # ConfigError naming an unknown field
         try:
-            return _apply(self.base_config, params)
+            return with_fields(self.base_config, params)
         except ValidationError as err:
-            raise ConfigError(f"invalid trial values {dict(params)}: {_describe(err)}") from None
+            raise ConfigError(f"invalid trial values {dict(params)}: {describe(err)}") from None
 
     def grid_size(self) -> int:
         """Number of points of the full grid: the product of the grid dimensions' lengths (1 if none)."""
@@ -314,9 +312,9 @@ class SweepSpec(_Strict):
     def why_not(self, values: Mapping[str, Any]) -> str | None:
         """Why a trial with these dotted values (valid field paths) cannot run; None if it can."""
         try:
-            config = _apply(self.base_config, values)
+            config = with_fields(self.base_config, values)
         except ValidationError as err:
-            return _describe(err)
+            return describe(err)
         # The trainer splits the global batch over ranks and accumulation steps (capi_core.train).
         split = self.resources.workers * config.optim.grad_accumulation
         if config.optim.batch_size % split:
@@ -328,60 +326,9 @@ class SweepSpec(_Strict):
 # ------------------------------------------------------------------------------- TrainConfig paths
 
 
-def _dotted(mapping: Mapping[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``{"optim": {"lr": 1e-3}, "model.registers": 4}`` -> ``("optim.lr", 1e-3), ("model.registers", 4)``."""
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            yield from _dotted(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _field_type(path: str) -> Any:
-    """The annotation of a dotted TrainConfig field (``"model.registers"`` -> int); ValueError if none."""
-    model: type[BaseModel] = TrainConfig
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        fields = model.model_fields
-        if part not in fields:
-            where = ".".join(parts[:i]) or "TrainConfig"
-            close = difflib.get_close_matches(part, fields, n=1)
-            hint = f"did you mean {'.'.join(parts[:i] + close)!r}? " if close else ""
-            raise ValueError(f"unknown field {path!r}: {hint}{where} has {', '.join(fields)}")
-        annotation = fields[part].annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if i == len(parts) - 1:
-            if is_section:
-                raise ValueError(f"{path!r} is a section; name one of its fields: {', '.join(annotation.model_fields)}")
-            return annotation
-        if not is_section:
-            raise ValueError(f"unknown field {path!r}: {'.'.join(parts[:i + 1])} is a value, not a section")
-        model = annotation
-    raise ValueError("empty field path")
-
-
 def _is_integer(annotation: Any) -> bool:
     types = get_args(annotation) or (annotation,)
     return int in types and float not in types
-
-
-def _apply(config: TrainConfig, values: Mapping[str, Any]) -> TrainConfig:
-    """``config`` with dotted fields replaced, re-validated as a whole so cross-field checks run.
-    Paths must name fields (``_field_type``); ValidationError locs are TrainConfig paths."""
-    data = config.model_dump()
-    for path, value in values.items():
-        *sections, name = path.split(".")
-        node = data
-        for key in sections:
-            node = node[key]
-        node[name] = value
-    return TrainConfig.model_validate(data)
-
-
-def _describe(err: ValidationError) -> str:
-    """The pydantic errors of a TrainConfig on one line: ``field: message; field: message``."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg'].removeprefix('Value error, ')}"
-                     for e in err.errors())
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -392,8 +339,8 @@ def _check_base(spec: SweepSpec) -> Iterator[Problem]:
     bad_path = False
     for path in spec.base.overrides:
         try:
-            _field_type(path)
-        except ValueError as err:
+            field_type(path)
+        except ConfigError as err:
             bad_path = True
             yield Problem(overrides + tuple(path.split(".")), str(err))
     if bad_path:
@@ -405,7 +352,7 @@ def _check_base(spec: SweepSpec) -> Iterator[Problem]:
         return
     except ValidationError as err:
         for e in err.errors():
-            yield Problem(overrides + tuple(e["loc"]), e["msg"].removeprefix("Value error, "))
+            yield Problem(overrides + tuple(e["loc"]), error_message(e))
         return
     why = spec.why_not({})
     if why:
@@ -417,8 +364,8 @@ def _check_search_space(spec: SweepSpec) -> Iterator[Problem]:
     for path, dist in spec.search_space.items():
         loc = ("search_space", path)
         try:
-            annotation = _field_type(path)
-        except ValueError as err:
+            annotation = field_type(path)
+        except ConfigError as err:
             yield Problem(loc, str(err))
             continue
         if dist.kind in ("uniform", "loguniform") and _is_integer(annotation):
@@ -648,7 +595,7 @@ def _record_lines(node: yaml.Node, loc: tuple, lines: dict[tuple, int], problems
 
 def _from_pydantic(error: dict[str, Any]) -> Problem:
     loc = tuple(p for p in error["loc"] if p != "[key]")  # pydantic's marker for an invalid dict key
-    msg = error["msg"].removeprefix("Value error, ")
+    msg = error_message(error)
     if error["type"] == "union_tag_invalid":
         loc += ("type",)  # point at the `type:` line rather than the section
         msg = f"unknown {loc[-2]} type {error['ctx']['tag']!r}; choose one of {error['ctx']['expected_tags']}"

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_directory, atomic_write_text
-from capi_core.config import TrainConfig
+from capi_core.config import TrainConfig, with_fields
 from orchestrator.sweep.spec import Distribution, SweepSpec
 
 PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
@@ -309,7 +309,7 @@ def scaling_options(spec: SweepSpec):
 def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> TrainConfig:
     """The trial's TrainConfig: the sweep's values, run named ``<sweep>-<trial id>`` (stable across restarts)."""
     config = spec.trial_config({path: params[path] for path in spec.search_space})
-    return config.model_copy(update={"run": config.run.model_copy(update={"name": f"{spec.name}-{trial_id}"})})
+    return with_fields(config, {"run.name": f"{spec.name}-{trial_id}"})
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -382,7 +382,7 @@ def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> t
     else:
         step = Path(pointer["checkpoint"]).name.removeprefix("step-").lstrip("0") or "0"
         name, donor = f"{sweep}-{trial_id}-from-{pointer['trial_id']}-{step}", pointer
-    return config.model_copy(update={"run": config.run.model_copy(update={"name": name})}), donor
+    return with_fields(config, {"run.name": name}), donor
 
 
 def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str) -> None:
