@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
+from capi_core.cadence import is_checkpoint_step, is_probe_step
 from capi_core.config import ModelConfig, TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.data.reader import train_batches
@@ -269,14 +270,13 @@ class Trainer:
             if self.step % cfg.run.log_every == 0 or last:
                 elapsed = time.perf_counter() - t0
                 metrics = self._metrics(out, images_seen / max(elapsed, 1e-9))
-                if cfg.probe.every and self.step % cfg.probe.every == 0 and not last:
+                if is_probe_step(self.step, cfg) and not last:
                     metrics.update(self.probe(dataset_dir))
                 for cb in self.callbacks:
                     cb.on_log(self, self.step, metrics)
                 # images/s counts training only: the probe and the callbacks' own time are left out.
                 t0, images_seen = time.perf_counter(), 0
-            periodic = cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0
-            if periodic and not last:
+            if is_checkpoint_step(self.step, cfg) and not last:
                 self._checkpoint(metrics)
         metrics = dict(metrics)
         metrics.update(self.probe(dataset_dir))

@@ -35,6 +35,7 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from capi_core.cadence import checkpoints_per_run, probe_interval, probes_per_run
 from capi_core.config import (PRESETS, ConfigError, TrainConfig, build_config, describe, dotted, error_message,
                                field_type, load_config, parse_overrides, with_fields)
 
@@ -296,9 +297,8 @@ class SweepSpec(_Strict):
         return self.num_trials() // self.grid_size()
 
     def reports_per_trial(self) -> int:
-        """Probe evaluations (scheduler reports) of a full trial: every probe.every steps and the last."""
-        steps, every = self.base_config.optim.steps, self.base_config.probe.every
-        return (steps - 1) // every + 1 if every else 1
+        """Probe evaluations (scheduler reports) of a full trial, as the trainer makes them."""
+        return probes_per_run(self.base_config)
 
     def check(self) -> list[Problem]:
         """Combinations that pass the schema but cannot work (or probably are mistakes)."""
@@ -472,8 +472,8 @@ def _check_pbt(spec: SweepSpec, sched: PBT, reports: int) -> Iterator[Problem]:
         yield Problem(("scheduler", "perturbation_interval"), f"a trial makes only {reports} probe evaluations, so "
                                                               f"PBT would never perturb with interval "
                                                               f"{sched.perturbation_interval}")
-    run, every = spec.base_config.run, spec.base_config.probe.every
-    interval = sched.perturbation_interval * every
+    run = spec.base_config.run
+    interval = sched.perturbation_interval * probe_interval(spec.base_config)
     if not run.checkpoint_every or interval % run.checkpoint_every:
         yield Problem(("base", "overrides", "run", "checkpoint_every"),
                       f"PBT copies a donor's checkpoint at every perturbation ({interval} steps); set "
@@ -482,7 +482,7 @@ def _check_pbt(spec: SweepSpec, sched: PBT, reports: int) -> Iterator[Problem]:
     # A donor keeps training while PBT exploits it; if retention prunes the checkpoint PBT picked,
     # the copying trial fails (Ray 2.60: "Could not recover from checkpoint as it does not exist on storage
     # anymore").
-    written = (spec.base_config.optim.steps - 1) // run.checkpoint_every + 1
+    written = checkpoints_per_run(spec.base_config)
     if run.keep_checkpoints < written:
         yield Problem(("base", "overrides", "run", "keep_checkpoints"),
                       f"PBT with run.keep_checkpoints {run.keep_checkpoints} can delete a donor's checkpoint "

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_directory, atomic_write_text
+from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
 from capi_core.config import TrainConfig, with_fields
 from orchestrator.sweep.spec import Distribution, SweepSpec
 
@@ -217,21 +218,6 @@ def scheduler(spec: SweepSpec):
                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
 
 
-def probe_evals(step: int, every: int) -> int:
-    """Probe evaluations a trial has made once it reported at ``step`` (every ``every`` steps and the last)."""
-    return (step - 1) // every + 1 if every else 1
-
-
-def is_probe_step(step: int, config: TrainConfig) -> bool:
-    every = config.probe.every
-    return step == config.optim.steps or bool(every and step % every == 0)
-
-
-def is_checkpoint_step(step: int, config: TrainConfig) -> bool:
-    every = config.run.checkpoint_every
-    return step == config.optim.steps or bool(every and step % every == 0)
-
-
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
     """What one trial's Train workers hold. A GPU worker holds a whole GPU: that is what
     ``orchestrator.train.build_trainer`` asks Ray for, whatever fraction the sweep file names."""
@@ -280,7 +266,7 @@ class ProbeReport(TuneReportCallback):
         if checkpoint is None and is_checkpoint_step(step, self.config):
             return  # the same step's checkpoint report follows
         self._last_step = step
-        item = {**report, PROBE_EVALS: probe_evals(step, self.config.probe.every)}
+        item = {**report, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
         if checkpoint is not None:
             item[CHECKPOINT_PATH_KEY] = checkpoint.path
         self._training_actor_item_queue.put(item)
@@ -335,7 +321,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         run_id = child_run_id(state, trial_id)
         if run_id:  # the interruption may have come before rank 0 closed the run
             close_run(state.tracking_uri, run_id)
-        ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
+        ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
         return
 
     options = track.TrackingOptions(uri=state.tracking_uri, experiment=state.experiment,
@@ -348,7 +334,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         seed_from_donor(donor, path, run_id, state.tracking_uri)
         final = final_metrics(path, config)
         if final is not None:  # exploited at the donor's last step: nothing left to train
-            ray.tune.report({**final, PROBE_EVALS: probe_evals(config.optim.steps, config.probe.every)})
+            ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
             track.end_run(state.tracking_uri, run_id, "FINISHED")
             return
     try:
