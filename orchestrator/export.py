@@ -196,7 +196,7 @@ def _client(uri: str):
 
 def sweep_parent(uri: str, sweep: str) -> str:
     """The newest parent run of sweep ``sweep`` in the store at ``uri``."""
-    from orchestrator.sweep.tune import ROLE_TAG, SWEEP_TAG
+    from orchestrator.tracking import ROLE_TAG, SWEEP_TAG
 
     client = _client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -236,8 +236,7 @@ def best_run(runs: list, metric: str, mode: str = "max"):
 def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None, mode: str = "max",
                model_name: str | None = None, register: bool = True) -> Exported:
     """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
-    from orchestrator.sweep.tune import SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
-    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG
+    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
 
     client = _client(uri)
     run = client.get_run(run_id)

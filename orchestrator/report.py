@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.sweep.spec import SweepSpec
-from orchestrator.sweep.tune import (TRIAL_TAG, TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run,
-                                     noise_note, trial_rows)
+from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, noise_note,
+                                        trial_rows)
+from orchestrator.tracking import TRIAL_TAG
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
 INDEX = "index.html"

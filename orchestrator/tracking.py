@@ -45,6 +45,12 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 RUN_ID_KEY = "mlflow_run_id"  # key in Trainer.metadata, hence in every checkpoint's state.json
 PARENT_TAG = "mlflow.parentRunId"
 CHECKPOINT_TAG = "capi.checkpoint"
+SWEEP_TAG = "capi.sweep"
+ROLE_TAG = "capi.role"
+TRIAL_TAG = "capi.trial_id"
+SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every child run
+STOPPED_TAG = "capi.stopped_early"
+EXPLOITS_TAG = "capi.pbt_exploits"
 REDACTED = "***"
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 # MLflow's per-call limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch.

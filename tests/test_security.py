@@ -59,7 +59,7 @@ def cli_ray(tiny_dataset, tmp_path_factory):
     import ray
 
     from orchestrator.sweep.spec import load_sweep
-    from orchestrator.sweep.tune import _init_ray
+    from orchestrator.sweep.tune import init_ray
 
     root = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's unix sockets live below it
     spec = load_sweep(tiny_sweep(tmp_path_factory.mktemp("spec"), tiny_dataset, "sqlite:///unused.db"))
@@ -69,9 +69,9 @@ def cli_ray(tiny_dataset, tmp_path_factory):
         mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
         for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):  # Ray's defaults
             mp.delenv(key, raising=False)
-        for key in LOCAL_RAY_ENV:  # set by _init_ray: restored afterwards
+        for key in LOCAL_RAY_ENV:  # set by init_ray: restored afterwards
             mp.delenv(key, raising=False)
-        assert _init_ray(spec, None), "a Ray was already running in this process"
+        assert init_ray(spec, None), "a Ray was already running in this process"
         try:
             yield f"http://{ray._private.worker.global_worker.node.address_info['webui_url']}", root
         finally:

@@ -25,21 +25,11 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.sweep import jobs
-from orchestrator.sweep.tune import (
-    EXPLOITS_TAG,
-    POINTER,
-    PROBE_EVALS,
-    STOPPED_TAG,
-    TRIAL_TAG,
-    fitting_trials,
-    is_probe_step,
-    param_space,
-    portable,
-    probe_evals,
-    scheduler,
-    sweep_dir,
-)
-from orchestrator.tracking import RUN_ID_KEY
+from capi_core.cadence import is_probe_step, probe_evals
+from orchestrator.sweep.storage import PROBE_EVALS, sweep_dir
+from orchestrator.sweep.trial import POINTER
+from orchestrator.sweep.tune import fitting_trials, param_space, portable, scheduler
+from orchestrator.tracking import EXPLOITS_TAG, RUN_ID_KEY, STOPPED_TAG, TRIAL_TAG
 
 
 def sweep_file(tmp_path: Path, name: str, dataset: Path, uri: str, steps: int = 10, **sections) -> Path:
@@ -337,7 +327,7 @@ def test_pbt_exploit_seeds_a_new_train_run_from_the_donor_into_the_trial_mlflow_
     from capi_core.config import build_config
     from capi_core.train import Trainer
     from orchestrator.tracking import MlflowTracking, TrackingOptions, open_run
-    from orchestrator.sweep.tune import pbt_lineage, seed_from_donor
+    from orchestrator.sweep.trial import pbt_lineage, seed_from_donor
 
     trials = tmp_path / "trials"
     config = build_config("cpu-tiny", [f"data.dataset={tiny_dataset}", f"run.output_dir={trials}",

@@ -407,7 +407,7 @@ def test_trial_rows_read_the_newest_tune_session(tmp_path):
     session's file (by its name) and the directory it names (the bug fixed in issue 6)."""
     import json
 
-    from orchestrator.sweep.tune import trial_rows
+    from orchestrator.sweep.storage import trial_rows
 
     spec = load_sweep(Path("sweeps/quickstart.yaml"))
     metric = spec.search.metric

@@ -56,7 +56,7 @@ def export(sweep_name, run_id, metric, mode, out, tracking_uri, storage, model_n
 def _sweep_location(name: str, storage: Path | None, tracking_uri: str | None):
     """(tracking uri, parent run id, metric, mode) from the sweep's storage if it is here, else from MLflow."""
     from orchestrator.sweep.spec import SweepSpec
-    from orchestrator.sweep.tune import SweepError, load_sweep_run
+    from orchestrator.sweep.storage import SweepError, load_sweep_run
     from orchestrator.tracking import resolve_uri
 
     try:

@@ -110,7 +110,8 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
     exports the best one and says how to open MLflow. An interrupted sweep continues with
     `capi sweep resume NAME`.
     """
-    from orchestrator.sweep.tune import SweepError, run_sweep
+    from orchestrator.sweep.storage import SweepError
+    from orchestrator.sweep.tune import run_sweep
 
     spec = _load(file)
     try:
@@ -132,7 +133,8 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
     Ray Tune restores its state by unpickling files in <storage>/NAME: only resume sweeps from
     storage you (this tool) wrote, never a directory someone else can write to.
     """
-    from orchestrator.sweep.tune import SweepError, resume_sweep
+    from orchestrator.sweep.storage import SweepError
+    from orchestrator.sweep.tune import resume_sweep
 
     try:
         outcome = resume_sweep(_storage(storage), name, address)
@@ -146,7 +148,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
 def status(name: str, storage: Path | None) -> None:
     """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
-    from orchestrator.sweep.tune import SweepError, load_sweep_run, noise_note, trial_rows
+    from orchestrator.sweep.storage import SweepError, load_sweep_run, noise_note, trial_rows
     from orchestrator.tracking import safe_uri
 
     try:
@@ -171,7 +173,7 @@ def report(name: str, storage: Path | None, out: Path | None, images: int, log: 
     """Write an HTML report of sweep NAME: metric vs parameters, learning curves, registers vs
     high-norm tokens, a table of the trials; log it to the parent MLflow run."""
     from orchestrator.report import build_report
-    from orchestrator.sweep.tune import SweepError
+    from orchestrator.sweep.storage import SweepError
 
     try:
         page = build_report(_storage(storage), name, out, images=images, log=log)
@@ -218,7 +220,7 @@ def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | 
     from rich.console import Console
     from rich.table import Table
 
-    from orchestrator.sweep.tune import best_trial
+    from orchestrator.sweep.storage import best_trial
 
     best = best_trial(rows, mode)
     table = Table("trial", "status", *params, f"best {metric}", "gain", "last", "probes", "step")
@@ -251,7 +253,7 @@ def _num(value) -> str:
 def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
     from orchestrator.export import ExportError, export_best, export_run
-    from orchestrator.sweep.tune import child_run_id
+    from orchestrator.sweep.trial import child_run_id
     from orchestrator.tracking import safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})

@@ -1,0 +1,278 @@
+"""One trial of a sweep: a CAPI run as a Ray Train (V2) run inside a Ray Tune trial function.
+
+The Tune + Train V2 pattern of Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and
+``Tuner(trainer)`` is deprecated since Train V2 became the default): every trial is a Tune *function*
+that builds the trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``);
+a ``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
+scheduler see them. The trial function itself takes a token 0.01 CPU (it only waits); Train's workers
+hold the trial's resources. Each trial logs into its own MLflow child run, found again by its trial
+id, so retries and resumes append to it.
+
+PBT needs Tune-level checkpoints, which Train-in-Tune does not produce (``TuneReportCallback``
+forwards rank 0's metrics and a ``checkpoint_path``, but no Tune checkpoint). Under PBT the
+trial function therefore reports to Tune itself: it runs the Train run in a thread, receives the
+probe reports through its own queue and reports each with a small Tune checkpoint that points at
+the Train checkpoint of that step. When PBT makes a trial exploit a donor, the trial starts a new
+Train run (``<sweep>-<trial>-from-<donor>-<step>``) seeded with a copy of the donor's checkpoint,
+logging on into the trial's child run (its ``capi.pbt_exploits`` tag lists the donors). Limits: every
+exploit restarts a Train worker group (seconds on a CPU, more with GPUs), Train checkpoints are copied
+per exploit, and donor checkpoints must outlive retention (the sweep file check demands
+``run.keep_checkpoints`` large enough, since Ray's PBT fails a trial whose donor checkpoint retention
+has already deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from capi_core.atomic import atomic_directory
+from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
+from capi_core.config import TrainConfig, with_fields
+from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics
+from orchestrator.tracking import EXPLOITS_TAG, STOPPED_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
+
+POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
+TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
+
+
+try:  # a Train callback class must exist at import time; Ray is an orchestrator dependency
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+except ImportError:  # pragma: no cover - only without ray[tune]
+    TuneReportCallback, CHECKPOINT_PATH_KEY = object, "checkpoint_path"
+
+
+class ProbeReport(TuneReportCallback):
+    """Forwards rank 0's reports at probe steps to Tune, once per step, with the probe count.
+
+    Tune compares trials on these (the scheduler's rungs are probe evaluations); Train's other
+    reports (log steps) stay in MLflow. Only reports that carry ``metric`` are forwarded, as Tune
+    requires the metric in every result. At a step that also writes a checkpoint, the report that
+    carries it is the one forwarded, with its ``checkpoint_path``. ``sink``: a queue of the trial's
+    own instead of Tune's (PBT, where the trial function reports with Tune checkpoints itself).
+    """
+
+    def __init__(self, metric: str, config: TrainConfig, sink=None):
+        super().__init__()
+        if sink is not None:
+            self._training_actor_item_queue = sink
+        self.metric = metric
+        self.config = config
+        self._last_step = -1
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = metrics[0]
+        step = int(report.get("step", -1))
+        if self.metric not in report or step <= self._last_step or not is_probe_step(step, self.config):
+            return
+        if checkpoint is None and is_checkpoint_step(step, self.config):
+            return  # the same step's checkpoint report follows
+        self._last_step = step
+        item = {**report, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
+        if checkpoint is not None:
+            item[CHECKPOINT_PATH_KEY] = checkpoint.path
+        self._training_actor_item_queue.put(item)
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs besides its values; shipped once through ``tune.with_parameters``."""
+
+    spec: SweepSpec  # portable: absolute paths
+    state: SweepState
+
+
+class TrialError(RuntimeError):
+    """A trial's training failed after its Train-level restarts; Tune may retry it."""
+
+
+def scaling_options(spec: SweepSpec):
+    from orchestrator.train import ScalingOptions
+
+    res = spec.resources
+    return ScalingOptions(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
+                          use_gpu=res.gpus_per_worker > 0, max_failures=spec.failure.max_failures)
+
+
+def trial_resources(spec: SweepSpec) -> dict[str, float]:
+    """What one trial's Train workers hold. A GPU worker holds a whole GPU: that is what
+    ``orchestrator.train.build_trainer`` asks Ray for, whatever fraction the sweep file names."""
+    res = spec.resources
+    need = {"CPU": res.workers * res.cpus_per_worker}
+    if res.gpus_per_worker:
+        need["GPU"] = res.workers * math.ceil(res.gpus_per_worker)
+    return need
+
+
+def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> TrainConfig:
+    """The trial's TrainConfig: the sweep's values, run named ``<sweep>-<trial id>`` (stable across restarts)."""
+    config = spec.trial_config({path: params[path] for path in spec.search_space})
+    return with_fields(config, {"run.name": f"{spec.name}-{trial_id}"})
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune trial: one CAPI run as a Ray Train run, tracked in a child MLflow run."""
+    import ray.tune
+    from ray.train import TrainingFailedError
+
+    from orchestrator import tracking as track
+    from orchestrator.train import build_trainer, describe_failure, run_path
+
+    spec, state = setup.spec, setup.state
+    trial_id = ray.tune.get_context().get_trial_id()
+    config = trial_config(spec, params, trial_id)
+    scaling = scaling_options(spec)
+    pbt = spec.scheduler.type == "pbt"
+    donor = None
+    if pbt:  # PBT may hand this trial a checkpoint: its own (a restart) or a donor's (an exploit)
+        config, donor = pbt_lineage(config, spec.name, trial_id, ray.tune.get_checkpoint())
+    path = Path(run_path(config, scaling))
+
+    final = final_metrics(path, config) if donor is None else None
+    if final is not None:  # trained before an interruption (or a PBT pause): report, do not train again
+        run_id = child_run_id(state, trial_id)
+        if run_id:  # the interruption may have come before rank 0 closed the run
+            close_run(state.tracking_uri, run_id)
+        ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
+        return
+
+    options = track.TrackingOptions(uri=state.tracking_uri, experiment=state.experiment,
+                                    parent_run_id=state.parent_run_id,
+                                    tags={SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
+                                          SWEPT_TAG: json.dumps(list(spec.search_space))})
+    known = child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
+    run_id = track.open_run(state.tracking_uri, config, options, known)
+    if donor is not None:
+        seed_from_donor(donor, path, run_id, state.tracking_uri)
+        final = final_metrics(path, config)
+        if final is not None:  # exploited at the donor's last step: nothing left to train
+            ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
+            track.end_run(state.tracking_uri, run_id, "FINISHED")
+            return
+    try:
+        if pbt:
+            fit_reporting_checkpoints(config, lambda callback: build_trainer(
+                config, scaling, tracking_uri=state.tracking_uri, tracking=options, mlflow_run_id=run_id,
+                callbacks=[callback]), spec.search.metric, trial_id)
+        else:
+            build_trainer(config, scaling, tracking_uri=state.tracking_uri, tracking=options, mlflow_run_id=run_id,
+                          callbacks=[ProbeReport(spec.search.metric, config)]).fit()
+    except TrainingFailedError as err:
+        message = describe_failure(err)
+        track.end_run(state.tracking_uri, run_id, "FAILED", message)
+        raise TrialError(f"trial {trial_id} failed:\n{message}") from None
+    track.end_run(state.tracking_uri, run_id, "FINISHED")
+
+
+def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> tuple[TrainConfig, dict | None]:
+    """The Train run a PBT trial continues, and the donor checkpoint to seed it with (or None).
+
+    ``checkpoint``: the trial's Tune checkpoint, a pointer to a Train checkpoint. Its own pointer
+    continues the run it names; a donor's (an exploit) names a new run, seeded from the donor.
+    """
+    if checkpoint is None:
+        return config, None
+    with checkpoint.as_directory() as directory:
+        pointer = json.loads((Path(directory) / POINTER).read_text())
+    if pointer["trial_id"] == trial_id:
+        name, donor = pointer["run_name"], None
+    else:
+        step = Path(pointer["checkpoint"]).name.removeprefix("step-").lstrip("0") or "0"
+        name, donor = f"{sweep}-{trial_id}-from-{pointer['trial_id']}-{step}", pointer
+    return with_fields(config, {"run.name": name}), donor
+
+
+def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str) -> None:
+    """Copy the donor's Train checkpoint into the new run directory, as this trial's (its MLflow run
+    id in the metadata), unless the run already started; record the exploit on the MLflow run."""
+    from capi_core.checkpoint import STATE, list_checkpoints
+    from orchestrator.tracking import RUN_ID_KEY
+    from orchestrator.train import SNAPSHOT
+
+    if (run_dir / SNAPSHOT).exists() or list_checkpoints(run_dir):
+        return  # a restart of this exploit: Train resumes the run itself
+    source = Path(donor["checkpoint"])
+    with atomic_directory(run_dir / "checkpoints" / source.name) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        state = json.loads((tmp / STATE).read_text())
+        state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
+        (tmp / STATE).write_text(json.dumps(state, indent=1))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exploits = json.loads(client.get_run(run_id).data.tags.get(EXPLOITS_TAG, "[]"))
+    client.set_tag(run_id, EXPLOITS_TAG, json.dumps(exploits + [f"{donor['trial_id']}@{source.name}"]))
+
+
+def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metric: str, trial_id: str) -> None:
+    """Run the Train run in a thread and report its probe results to Tune from this (the trial's)
+    thread, each with a Tune checkpoint that points at the Train checkpoint of that step."""
+    import ray.tune
+    from ray.util.queue import Queue
+
+    sink = Queue(actor_options={"num_cpus": 0})
+    trainer = make_trainer(ProbeReport(metric, config, sink=sink))
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as err:  # handed to the trial's thread
+            failure.append(err)
+        finally:
+            sink.put(None)
+
+    thread = threading.Thread(target=fit, name="capi-train", daemon=True)
+    thread.start()
+    while (item := sink.get()) is not None:
+        path = item.pop(CHECKPOINT_PATH_KEY, None)
+        if path is None:
+            ray.tune.report(item)
+            continue
+        with tempfile.TemporaryDirectory(prefix="capi-pointer-") as tmp:
+            pointer = {"trial_id": trial_id, "run_name": config.run.name, "checkpoint": path}
+            (Path(tmp) / POINTER).write_text(json.dumps(pointer))
+            ray.tune.report(item, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def child_run_id(state: SweepState, trial_id: str) -> str | None:
+    """The MLflow child run of ``trial_id`` under the sweep's parent run, if one exists."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(state.tracking_uri)
+    parent = client.get_run(state.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=2,
+                              filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' "
+                                            f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
+    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        if stopped_early:
+            client.set_tag(run_id, STOPPED_TAG, "true")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def trainable(spec: SweepSpec, state: SweepState):
+    from ray import tune
+
+    setup = TrialSetup(spec=spec, state=state)
+    # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
+    # an empty bundle, so it asks for a token hundredth of a CPU.
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_FN_CPU})
