@@ -188,17 +188,11 @@ def _finite(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------- MLflow
-def _client(uri: str):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(uri, registry_uri=uri)
-
-
 def sweep_parent(uri: str, sweep: str) -> str:
     """The newest parent run of sweep ``sweep`` in the store at ``uri``."""
-    from orchestrator.tracking import ROLE_TAG, SWEEP_TAG
+    from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, mlflow_client
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = "
                                                          f"'sweep'", order_by=["attributes.start_time DESC"],
@@ -206,20 +200,6 @@ def sweep_parent(uri: str, sweep: str) -> str:
     if not runs:
         raise ExportError(f"no MLflow run of sweep {sweep!r} in {uri}")
     return runs[0].info.run_id
-
-
-def child_runs(uri: str, parent_run_id: str) -> list:
-    """Every run nested under ``parent_run_id``, all pages."""
-    client = _client(uri)
-    experiment = client.get_run(parent_run_id).info.experiment_id
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 def best_run(runs: list, metric: str, mode: str = "max"):
@@ -236,9 +216,9 @@ def best_run(runs: list, metric: str, mode: str = "max"):
 def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None, mode: str = "max",
                model_name: str | None = None, register: bool = True) -> Exported:
     """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
-    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
+    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG, mlflow_client, safe_uri
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     run = client.get_run(run_id)
     location = run.data.tags.get(CHECKPOINT_TAG)
     if not location:
@@ -246,7 +226,7 @@ def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None
     sweep = run.data.tags.get(SWEEP_TAG)
     params = run.data.params
     provenance = {
-        "run_id": run_id, "run_name": run.info.run_name, "tracking_uri": _safe(uri), "sweep": sweep,
+        "run_id": run_id, "run_name": run.info.run_name, "tracking_uri": safe_uri(uri), "sweep": sweep,
         "trial_id": run.data.tags.get(TRIAL_TAG), "parent_run_id": run.data.tags.get(PARENT_TAG),
         "metric": metric, "mode": mode, "value": run.data.metrics.get(metric) if metric else None,
         "trial_params": {k: params.get(k) for k in json.loads(run.data.tags.get(SWEPT_TAG, "[]"))},
@@ -278,14 +258,10 @@ def register_export(client, name: str, run_id: str, source: str) -> str:
 def export_best(uri: str, parent_run_id: str, out: str | Path, metric: str, mode: str = "max",
                 model_name: str | None = None, register: bool = True) -> Exported:
     """Export the best child run of a sweep's parent run."""
+    from orchestrator.tracking import child_runs
+
     run = best_run(child_runs(uri, parent_run_id), metric, mode)
     return export_run(uri, run.info.run_id, out, metric, mode, model_name, register)
-
-
-def _safe(uri: str) -> str:
-    from orchestrator.tracking import safe_uri
-
-    return safe_uri(uri)
 
 
 class _local_checkpoint:

@@ -18,7 +18,7 @@ from typing import Any
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, noise_note,
                                         trial_rows)
-from orchestrator.tracking import TRIAL_TAG
+from orchestrator.tracking import TRIAL_TAG, child_runs, mlflow_client
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
 INDEX = "index.html"
@@ -48,21 +48,16 @@ def build_report(storage: str | Path, name: str, out: Path | None = None, images
                                                           plot_registers(trials, out)]
     (out / INDEX).write_text(render(spec, state, trials, [p for p in pictures if p]))
     if log:
-        from mlflow.tracking import MlflowClient
-
-        MlflowClient(state.tracking_uri).log_artifacts(state.parent_run_id, str(out), "report")
+        mlflow_client(state.tracking_uri).log_artifacts(state.parent_run_id, str(out), "report")
     return out / INDEX
 
 
 # ------------------------------------------------------------------------------------- gathering
 def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialReport]:
     """Every trial with its MLflow run, checkpoint, register count and learning curves."""
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator.export import child_runs
     from orchestrator.tracking import CHECKPOINT_TAG
 
-    client = MlflowClient(state.tracking_uri)
+    client = mlflow_client(state.tracking_uri)
     try:
         runs = {r.data.tags.get(TRIAL_TAG): r for r in child_runs(state.tracking_uri, state.parent_run_id)}
     except Exception:  # noqa: BLE001 - the store is gone: report from storage alone

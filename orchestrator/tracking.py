@@ -21,10 +21,12 @@ import logging
 import os
 import platform
 import re
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from dataclasses import asdict
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from capi_core.checkpoint import STATE, list_checkpoints
 from capi_core.config import TrainConfig, flatten
 from capi_core.train import Callback, Trainer
+from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.storage import YAML_FILE, SweepOutcome, SweepState
 
 log = logging.getLogger(__name__)
 # MLflow prints "View run ... at: <tracking URI>" whenever a run ends, with any user:password in the
@@ -177,10 +181,12 @@ def system_tags(trainer: Trainer) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ runs
-def _client(uri: str):
+def mlflow_client(uri: str):
+    """The ``MlflowClient`` of the store at ``uri``, its model registry included: the one place a
+    client is made, so that every caller talks to the same store the same way."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri)
+    return MlflowClient(uri, registry_uri=uri)
 
 
 def _experiment_id(client, name: str) -> str:
@@ -212,7 +218,7 @@ def _existing_run(client, run_id: str):
 def open_run(uri: str, config: TrainConfig, options: TrackingOptions, run_id: str | None = None) -> str:
     """Reopen ``run_id`` (status back to RUNNING) if the store holds it, else create a run named
     ``config.run.name`` in ``options.experiment``, nested under ``options.parent_run_id``. Returns its id."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if run_id and _existing_run(client, run_id) is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
@@ -232,7 +238,7 @@ def log_config(uri: str, run_id: str, config: TrainConfig) -> None:
     """
     from mlflow.entities import Param, RunTag
 
-    client = _client(uri)
+    client = mlflow_client(uri)
     logged = client.get_run(run_id).data.params
     params = config_params(config)
     new = [Param(k, v) for k, v in params.items() if k not in logged]
@@ -252,10 +258,19 @@ def redact_nested(values: dict[str, Any]) -> dict[str, Any]:
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     """Close a run as FINISHED, FAILED or KILLED; ``error`` is kept in the ``capi.error`` tag."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     if error:
         client.set_tag(run_id, "capi.error", error[:5000])
     client.set_terminated(run_id, status)
+
+
+def best_effort(call: Callable[[], Any], what: str = "MLflow") -> Any:
+    """``call()``, or None after a warning on stderr: tracking trouble must not stop a run or a sweep."""
+    try:
+        return call()
+    except Exception as err:  # noqa: BLE001 - any store or network failure
+        print(f"warning: {what}: {err}", file=sys.stderr, flush=True)
+        return None
 
 
 def run_id_in_checkpoints(run_dir: Path) -> str | None:
@@ -271,6 +286,119 @@ def run_id_in_checkpoints(run_dir: Path) -> str | None:
         if run_id:
             return run_id
     return None
+
+
+# ----------------------------------------------------------------------------------------- sweeps
+# A sweep is a parent run (role "sweep") with one child run per trial, found again by its trial id.
+
+
+def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepState:
+    """Create the sweep's parent run with the sweep file, search space, settings and base config."""
+    client = mlflow_client(uri)
+    experiment = spec.mlflow.experiment or spec.name
+    run = client.create_run(_experiment_id(client, experiment), run_name=spec.name,
+                            tags={SWEEP_TAG: spec.name, ROLE_TAG: "sweep"})
+    run_id = run.info.run_id
+    if source_text is not None:
+        client.log_text(run_id, source_text, YAML_FILE)
+    client.log_dict(run_id, {path: {dist.kind: dist.args} for path, dist in spec.search_space.items()},
+                    "search_space.json")
+    client.log_dict(run_id, {"algorithm": spec.search.algorithm, "metric": spec.search.metric,
+                             "mode": spec.search.mode, "scheduler": spec.scheduler.model_dump(),
+                             "budget": spec.budget.model_dump(), "resources": spec.resources.model_dump(),
+                             "trials": spec.num_trials()}, "sweep_settings.json")
+    client.log_dict(run_id, redact_nested(spec.base_config.model_dump(mode="json")), "base_config.yaml")
+    client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
+                                             "search.metric": spec.search.metric, "search.mode": spec.search.mode,
+                                             "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
+    return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id)
+
+
+def _params(values: dict[str, Any]) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, str(v)) for k, v in values.items()]
+
+
+def reopen_sweep_run(state: SweepState) -> None:
+    """The parent run back to RUNNING, for a resumed sweep."""
+    mlflow_client(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
+
+
+def trial_options(state: SweepState, spec: SweepSpec, trial_id: str) -> TrackingOptions:
+    """Where a trial logs: a child of the sweep's parent run, tagged with the sweep, the trial id and
+    the swept fields (so an export can name the trial's values)."""
+    return TrackingOptions(uri=state.tracking_uri, experiment=state.experiment, parent_run_id=state.parent_run_id,
+                           tags={SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
+                                 SWEPT_TAG: json.dumps(list(spec.search_space))})
+
+
+def child_runs(uri: str, parent_run_id: str) -> list:
+    """Every run nested under ``parent_run_id``, all pages."""
+    client = mlflow_client(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def child_run_id(state: SweepState, trial_id: str) -> str | None:
+    """The MLflow child run of ``trial_id`` under the sweep's parent run, if one exists."""
+    client = mlflow_client(state.tracking_uri)
+    parent = client.get_run(state.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], max_results=2,
+                              filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' "
+                                            f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    return runs[0].info.run_id if runs else None
+
+
+def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
+    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
+    client = mlflow_client(uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        if stopped_early:
+            client.set_tag(run_id, STOPPED_TAG, "true")
+        client.set_terminated(run_id, "FINISHED")
+
+
+def record_exploit(uri: str, run_id: str, exploit: str) -> None:
+    """Append ``exploit`` (``<donor trial>@<checkpoint>``) to the trial run's ``capi.pbt_exploits`` list."""
+    client = mlflow_client(uri)
+    exploits = json.loads(client.get_run(run_id).data.tags.get(EXPLOITS_TAG, "[]"))
+    client.set_tag(run_id, EXPLOITS_TAG, json.dumps(exploits + [exploit]))
+
+
+def log_sweep_summary(outcome: SweepOutcome) -> None:
+    """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED,
+    KILLED if trials are left to resume, or FAILED if every trial failed."""
+    from mlflow.entities import Metric, RunTag
+
+    state = outcome.state
+    client = mlflow_client(state.tracking_uri)
+    counts: dict[str, int] = {}
+    for row in outcome.trials:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"sweep/trials_{k.lower()}", float(v), now, 0) for k, v in counts.items()]
+    tags = [RunTag("capi.trials", json.dumps(counts))]
+    if outcome.noise:
+        tags.append(RunTag("capi.probe_noise", outcome.noise))
+    best = outcome.best
+    if best is not None:
+        metrics.append(Metric(f"best/{outcome.metric}", float(best.metric), now, 0))
+        tags.append(RunTag("capi.best_trial", best.trial_id))
+        run_id = child_run_id(state, best.trial_id)
+        if run_id:
+            tags.append(RunTag("capi.best_run_id", run_id))
+    client.log_batch(state.parent_run_id, metrics=metrics, tags=tags)
+    client.log_dict(state.parent_run_id, [asdict(r) for r in outcome.trials], "trials.json")
+    failed = bool(outcome.trials) and all(r.status == "ERROR" for r in outcome.trials)
+    client.set_terminated(state.parent_run_id, "FAILED" if failed else "KILLED" if outcome.unfinished else "FINISHED")
 
 
 # ------------------------------------------------------------------------------------- callback
@@ -298,7 +426,7 @@ class MlflowTracking(Callback):
     @property
     def client(self):
         if self._mlflow is None:
-            self._mlflow = _client(self.uri)
+            self._mlflow = mlflow_client(self.uri)
         return self._mlflow
 
     def on_start(self, trainer: Trainer) -> None:

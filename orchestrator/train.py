@@ -376,14 +376,10 @@ def init_local_ray(**options) -> None:
 
 def _end_run(uri: str | None, run_id: str | None, status: str, error: str | None = None) -> None:
     """Close the MLflow run; a tracking failure is reported, not raised over the training's outcome."""
-    from orchestrator.tracking import end_run
+    from orchestrator.tracking import best_effort, end_run
 
-    if run_id is None:
-        return
-    try:
-        end_run(uri, run_id, status, error)
-    except Exception as err:  # noqa: BLE001 - any store or network failure
-        print(f"warning: could not mark MLflow run {run_id} {status}: {err}", file=sys.stderr)
+    if run_id is not None:
+        best_effort(lambda: end_run(uri, run_id, status, error), f"could not mark MLflow run {run_id} {status}")
 
 
 def check_dataset(config: TrainConfig) -> None:

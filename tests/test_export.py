@@ -20,8 +20,8 @@ from capi_core.config import build_config
 from capi_core.data.format import load_manifest
 from capi_core.train import Trainer
 from orchestrator.cli import main
-from orchestrator.export import ExportError, best_run, child_runs, export_best, export_checkpoint, export_run
-from orchestrator.tracking import CHECKPOINT_TAG, MlflowTracking, TrackingOptions
+from orchestrator.export import ExportError, best_run, export_best, export_checkpoint, export_run
+from orchestrator.tracking import CHECKPOINT_TAG, MlflowTracking, TrackingOptions, child_runs
 
 
 def client(uri):

@@ -253,8 +253,7 @@ def _num(value) -> str:
 def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
     from orchestrator.export import ExportError, export_best, export_run
-    from orchestrator.sweep.trial import child_run_id
-    from orchestrator.tracking import safe_uri
+    from orchestrator.tracking import child_run_id, safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
     _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise)

@@ -38,7 +38,6 @@ from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, pr
 from capi_core.config import TrainConfig, with_fields
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics
-from orchestrator.tracking import EXPLOITS_TAG, STOPPED_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG
 
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
 TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
@@ -138,17 +137,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     final = final_metrics(path, config) if donor is None else None
     if final is not None:  # trained before an interruption (or a PBT pause): report, do not train again
-        run_id = child_run_id(state, trial_id)
+        run_id = track.child_run_id(state, trial_id)
         if run_id:  # the interruption may have come before rank 0 closed the run
-            close_run(state.tracking_uri, run_id)
+            track.close_run(state.tracking_uri, run_id)
         ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
         return
 
-    options = track.TrackingOptions(uri=state.tracking_uri, experiment=state.experiment,
-                                    parent_run_id=state.parent_run_id,
-                                    tags={SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
-                                          SWEPT_TAG: json.dumps(list(spec.search_space))})
-    known = child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
+    options = track.trial_options(state, spec, trial_id)
+    known = track.child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
     run_id = track.open_run(state.tracking_uri, config, options, known)
     if donor is not None:
         seed_from_donor(donor, path, run_id, state.tracking_uri)
@@ -194,7 +190,7 @@ def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str)
     """Copy the donor's Train checkpoint into the new run directory, as this trial's (its MLflow run
     id in the metadata), unless the run already started; record the exploit on the MLflow run."""
     from capi_core.checkpoint import STATE, list_checkpoints
-    from orchestrator.tracking import RUN_ID_KEY
+    from orchestrator.tracking import RUN_ID_KEY, record_exploit
     from orchestrator.train import SNAPSHOT
 
     if (run_dir / SNAPSHOT).exists() or list_checkpoints(run_dir):
@@ -205,11 +201,7 @@ def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str)
         state = json.loads((tmp / STATE).read_text())
         state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
         (tmp / STATE).write_text(json.dumps(state, indent=1))
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exploits = json.loads(client.get_run(run_id).data.tags.get(EXPLOITS_TAG, "[]"))
-    client.set_tag(run_id, EXPLOITS_TAG, json.dumps(exploits + [f"{donor['trial_id']}@{source.name}"]))
+    record_exploit(uri, run_id, f"{donor['trial_id']}@{source.name}")
 
 
 def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metric: str, trial_id: str) -> None:
@@ -244,29 +236,6 @@ def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metri
     thread.join()
     if failure:
         raise failure[0]
-
-
-def child_run_id(state: SweepState, trial_id: str) -> str | None:
-    """The MLflow child run of ``trial_id`` under the sweep's parent run, if one exists."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(state.tracking_uri)
-    parent = client.get_run(state.parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id], max_results=2,
-                              filter_string=f"tags.mlflow.parentRunId = '{state.parent_run_id}' "
-                                            f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
-    return runs[0].info.run_id if runs else None
-
-
-def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
-    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    if client.get_run(run_id).info.status == "RUNNING":
-        if stopped_early:
-            client.set_tag(run_id, STOPPED_TAG, "true")
-        client.set_terminated(run_id, "FINISHED")
 
 
 def trainable(spec: SweepSpec, state: SweepState):

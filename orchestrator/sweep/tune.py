@@ -12,23 +12,20 @@ best trial's metric as ``best/<metric>`` and its ids as tags) and one child run 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import sys
-import time
-from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_write_text
+from orchestrator import tracking as track
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, SPEC_FILE, STATE_FILE, TRIALS_DIR, YAML_FILE, SweepError,
                                         SweepOutcome, SweepState, load_sweep_run, noise_note, sweep_dir, trial_rows)
-from orchestrator.sweep.trial import TRIAL_FN_CPU, child_run_id, close_run, trainable, trial_resources
-from orchestrator.tracking import ROLE_TAG, SWEEP_TAG
+from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
+
 
 def tune_domain(dist: Distribution):
     """The Ray Tune search domain of one sweep dimension."""
@@ -138,21 +135,12 @@ class SweepProgress(_TuneCallback):
         last = trial.last_result or {}
         early = last.get(PROBE_EVALS, 0) < self.reports
         self._say(trial, "stopped early (scheduler or time budget)" if early else "finished")
-        run_id = _quiet(lambda: child_run_id(self.state, trial.trial_id))
+        run_id = track.best_effort(lambda: track.child_run_id(self.state, trial.trial_id))
         if early and run_id:
-            _quiet(lambda: close_run(self.state.tracking_uri, run_id, stopped_early=True))
+            track.best_effort(lambda: track.close_run(self.state.tracking_uri, run_id, stopped_early=True))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(trial, f"failed; see {trial.path}/error.txt")
-
-
-def _quiet(call: Callable[[], Any]) -> Any:
-    """Tracking trouble must not stop the sweep: warn and go on."""
-    try:
-        return call()
-    except Exception as err:  # noqa: BLE001 - any store or network failure
-        print(f"warning: MLflow: {err}", file=sys.stderr, flush=True)
-        return None
 
 
 def _trial_dirname(trial) -> str:
@@ -200,37 +188,6 @@ def _reachable(uri: str) -> str:
     return uri
 
 
-def _open_parent(spec: SweepSpec, uri: str, source_text: str | None) -> SweepState:
-    from mlflow.tracking import MlflowClient
-
-    from orchestrator import tracking as track
-
-    experiment = spec.mlflow.experiment or spec.name
-    client = MlflowClient(uri)
-    run = client.create_run(track._experiment_id(client, experiment), run_name=spec.name,
-                            tags={SWEEP_TAG: spec.name, ROLE_TAG: "sweep"})
-    run_id = run.info.run_id
-    if source_text is not None:
-        client.log_text(run_id, source_text, YAML_FILE)
-    client.log_dict(run_id, {path: {dist.kind: dist.args} for path, dist in spec.search_space.items()},
-                    "search_space.json")
-    client.log_dict(run_id, {"algorithm": spec.search.algorithm, "metric": spec.search.metric,
-                             "mode": spec.search.mode, "scheduler": spec.scheduler.model_dump(),
-                             "budget": spec.budget.model_dump(), "resources": spec.resources.model_dump(),
-                             "trials": spec.num_trials()}, "sweep_settings.json")
-    client.log_dict(run_id, track.redact_nested(spec.base_config.model_dump(mode="json")), "base_config.yaml")
-    client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
-                                             "search.metric": spec.search.metric, "search.mode": spec.search.mode,
-                                             "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
-    return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id)
-
-
-def _params(values: dict[str, Any]) -> list:
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)) for k, v in values.items()]
-
-
 def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None = None) -> SweepOutcome:
     """Run a validated sweep to the end and return its trials.
 
@@ -258,7 +215,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
     try:
         directory.mkdir(parents=True, exist_ok=True)
         run_spec = portable(spec, directory)
-        state = _open_parent(spec, uri, source.read_text() if source else None)
+        state = track.open_sweep_run(spec, uri, source.read_text() if source else None)
         state.save(directory)
         atomic_write_text(directory / SPEC_FILE, run_spec.model_dump_json(indent=1))
         if source is not None:
@@ -287,7 +244,6 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> 
     """Continue an interrupted sweep: unfinished and errored trials run on from their checkpoints,
     finished ones are kept. Tune's restore unpickles its state: only our own storage is read."""
     import ray
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     spec, state, directory = load_sweep_run(storage, name)
@@ -297,7 +253,7 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> 
     _reachable(state.tracking_uri)
     started = init_ray(spec, address)
     try:
-        MlflowClient(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
+        track.reopen_sweep_run(state)
         tuner = tune.Tuner.restore(str(directory), trainable(spec, state),
                                    resume_unfinished=True, resume_errored=True)
         return _fit(tuner, spec, state, directory)
@@ -307,44 +263,16 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> 
 
 
 def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOutcome:
-    from orchestrator import tracking as track
-
     try:
         tuner.fit()
     except BaseException as err:
-        _quiet(lambda: track.end_run(state.tracking_uri, state.parent_run_id,
-                                     "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", repr(err)))
+        track.best_effort(lambda: track.end_run(state.tracking_uri, state.parent_run_id,
+                                                "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
+                                                repr(err)))
         raise
     outcome = SweepOutcome(name=spec.name, path=directory, state=state, metric=spec.search.metric,
                            mode=spec.search.mode, trials=trial_rows(directory, spec), noise=noise_note(spec))
-    _quiet(lambda: log_summary(outcome))
+    track.best_effort(lambda: track.log_sweep_summary(outcome))
     return outcome
 
 
-def log_summary(outcome: SweepOutcome) -> None:
-    """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED,
-    KILLED if trials are left to resume, or FAILED if every trial failed."""
-    from mlflow.entities import Metric, RunTag
-    from mlflow.tracking import MlflowClient
-
-    state = outcome.state
-    client = MlflowClient(state.tracking_uri)
-    counts: dict[str, int] = {}
-    for row in outcome.trials:
-        counts[row.status] = counts.get(row.status, 0) + 1
-    now = int(time.time() * 1000)
-    metrics = [Metric(f"sweep/trials_{k.lower()}", float(v), now, 0) for k, v in counts.items()]
-    tags = [RunTag("capi.trials", json.dumps(counts))]
-    if outcome.noise:
-        tags.append(RunTag("capi.probe_noise", outcome.noise))
-    best = outcome.best
-    if best is not None:
-        metrics.append(Metric(f"best/{outcome.metric}", float(best.metric), now, 0))
-        tags.append(RunTag("capi.best_trial", best.trial_id))
-        run_id = child_run_id(state, best.trial_id)
-        if run_id:
-            tags.append(RunTag("capi.best_run_id", run_id))
-    client.log_batch(state.parent_run_id, metrics=metrics, tags=tags)
-    client.log_dict(state.parent_run_id, [asdict(r) for r in outcome.trials], "trials.json")
-    failed = bool(outcome.trials) and all(r.status == "ERROR" for r in outcome.trials)
-    client.set_terminated(state.parent_run_id, "FAILED" if failed else "KILLED" if outcome.unfinished else "FINISHED")
