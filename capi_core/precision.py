@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from capi_core.atomic import atomic_write
 from capi_core.config import ModelConfig
 from capi_core.data import cache_root
-from capi_core.data.format import atomic_write
 
 PROBE_VERSION = 1  # bump when the probe's workload changes, so older decisions are measured again
 MAX_ROWS = 2048  # token rows in the timed matmuls: enough for the kernels to reach their steady rate
