@@ -17,7 +17,7 @@ from typing import Any
 
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, noise_note,
-                                        trial_rows)
+                                        trial_rows, trial_run_name)
 from orchestrator.tracking import TRIAL_TAG, child_runs, mlflow_client
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
@@ -66,7 +66,7 @@ def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialRe
     for row in trial_rows(directory, spec):
         t = TrialReport(row)
         run = runs.get(row.trial_id)
-        run_dir = directory / TRIALS_DIR / f"{spec.name}-{row.trial_id}"
+        run_dir = directory / TRIALS_DIR / trial_run_name(spec.name, row.trial_id)
         if run is not None:
             t.run_id = run.info.run_id
             t.checkpoint = run.data.tags.get(CHECKPOINT_TAG)

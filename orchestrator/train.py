@@ -34,13 +34,11 @@ from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig, with_fields
 from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
+from orchestrator.cluster import init_local_ray, join_cluster
 from orchestrator.tracking import MlflowTracking, TrackingOptions
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
 METRICS_FILE = "metrics.jsonl"
-# Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
-# process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
 
 
 class TrainingError(RuntimeError):
@@ -221,6 +219,12 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     return with_fields(config, updates)
 
 
+def has_state(run_dir: Path) -> bool:
+    """Whether a run directory holds a run to continue: Ray Train's record of its checkpoints, or a
+    checkpoint of a standalone run."""
+    return (run_dir / SNAPSHOT).exists() or bool(list_checkpoints(run_dir))
+
+
 def run_path(config: TrainConfig, scaling: ScalingOptions) -> str:
     """Where Ray Train keeps this run: ``<storage>/<run.name>``."""
     storage = scaling.storage_path or str(config.run.output_dir.expanduser().resolve())
@@ -246,7 +250,8 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
                                   "run.threads": config.run.threads or max(1, int(scaling.cpus_per_worker))})
     path = run_path(config, scaling)
     local = "://" not in path
-    fallback = path if local and not Path(path, SNAPSHOT).exists() and list_checkpoints(Path(path)) else None
+    # A run directory with checkpoints but no Ray record of them was started standalone: resume from it.
+    fallback = path if local and has_state(Path(path)) and not Path(path, SNAPSHOT).exists() else None
     loop = {
         "config": config.model_dump(mode="json"),
         "run_path": path,
@@ -306,7 +311,7 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
     config = absolute_paths(config)
     path = run_path(config, scaling)
     local = "://" not in path
-    if local and not resume and (Path(path, SNAPSHOT).exists() or list_checkpoints(Path(path))):
+    if local and not resume and has_state(Path(path)):
         raise TrainingError(f"{path} already holds a run; choose another run.name, remove it, or resume")
 
     if address is None:
@@ -324,11 +329,7 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
         if address is None:
             init_local_ray()
         else:
-            import capi_core
-            import orchestrator
-
-            modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
-            ray.init(address=address, runtime_env={"py_modules": modules})
+            join_cluster(address)
         started = True
     try:
         if scaling.use_gpu is None:
@@ -358,20 +359,6 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
             ray.shutdown()
     return TrainResult(path=path, checkpoint=result.checkpoint.path if result.checkpoint else None,
                        metrics=dict(result.metrics or {}), mlflow_run_id=run_id)
-
-
-def init_local_ray(**options) -> None:
-    """Start a local Ray: its dashboard on loopback (its Jobs API runs any code) and, unless the user
-    set them, ``LOCAL_RAY_ENV``'s switches, which Ray's processes inherit from this one.
-
-    The dashboard stays on, although it costs ~2 % of a core: it serves the State API that Train's
-    placement-group cleaner asks about the controller (without it that actor warns every few seconds).
-    """
-    import ray
-
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-    ray.init(dashboard_host="127.0.0.1", **options)
 
 
 def _end_run(uri: str | None, run_id: str | None, status: str, error: str | None = None) -> None:

@@ -31,7 +31,7 @@ from click.testing import CliRunner
 from ray_nodes import RayNodes, jobs_api_status, node_env
 
 from orchestrator.cli import main
-from orchestrator.train import LOCAL_RAY_ENV
+from orchestrator.cluster import LOCAL_RAY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPI = Path(sys.executable).with_name("capi")

@@ -109,6 +109,12 @@ def sweep_dir(storage: str | Path, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
 
 
+def trial_run_name(sweep: str, trial_id: str) -> str:
+    """The Train run of a trial, ``<sweep>-<trial id>`` under ``trials/``: stable across the trial's
+    restarts, so a restart resumes its run."""
+    return f"{sweep}-{trial_id}"
+
+
 def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepState, Path]:
     """The spec and MLflow state a sweep directory holds (written by ``run_sweep``)."""
     directory = sweep_dir(storage, name)

@@ -37,7 +37,7 @@ from capi_core.atomic import atomic_directory
 from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
 from capi_core.config import TrainConfig, with_fields
 from orchestrator.sweep.spec import SweepSpec
-from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics
+from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics, trial_run_name
 
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
 TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
@@ -114,7 +114,7 @@ def trial_resources(spec: SweepSpec) -> dict[str, float]:
 def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> TrainConfig:
     """The trial's TrainConfig: the sweep's values, run named ``<sweep>-<trial id>`` (stable across restarts)."""
     config = spec.trial_config({path: params[path] for path in spec.search_space})
-    return with_fields(config, {"run.name": f"{spec.name}-{trial_id}"})
+    return with_fields(config, {"run.name": trial_run_name(spec.name, trial_id)})
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -182,18 +182,18 @@ def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> t
         name, donor = pointer["run_name"], None
     else:
         step = Path(pointer["checkpoint"]).name.removeprefix("step-").lstrip("0") or "0"
-        name, donor = f"{sweep}-{trial_id}-from-{pointer['trial_id']}-{step}", pointer
+        name, donor = f"{trial_run_name(sweep, trial_id)}-from-{pointer['trial_id']}-{step}", pointer
     return with_fields(config, {"run.name": name}), donor
 
 
 def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str) -> None:
     """Copy the donor's Train checkpoint into the new run directory, as this trial's (its MLflow run
     id in the metadata), unless the run already started; record the exploit on the MLflow run."""
-    from capi_core.checkpoint import STATE, list_checkpoints
+    from capi_core.checkpoint import STATE
     from orchestrator.tracking import RUN_ID_KEY, record_exploit
-    from orchestrator.train import SNAPSHOT
+    from orchestrator.train import has_state
 
-    if (run_dir / SNAPSHOT).exists() or list_checkpoints(run_dir):
+    if has_state(run_dir):
         return  # a restart of this exploit: Train resumes the run itself
     source = Path(donor["checkpoint"])
     with atomic_directory(run_dir / "checkpoints" / source.name) as tmp:

@@ -151,7 +151,7 @@ def init_ray(spec: SweepSpec, address: str | None) -> bool:
     """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
     import ray
 
-    from orchestrator.train import init_local_ray
+    from orchestrator.cluster import init_local_ray, join_cluster
 
     if ray.is_initialized():
         return False
@@ -169,11 +169,7 @@ def init_ray(spec: SweepSpec, address: str | None) -> bool:
         # the leaked groups hold their CPUs and later trials wait forever.
         init_local_ray(num_cpus=cpus, include_dashboard=True)
     else:
-        import capi_core
-        import orchestrator
-
-        modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
-        ray.init(address=address, runtime_env={"py_modules": modules})
+        join_cluster(address)
     return True
 
 

@@ -1,0 +1,38 @@
+"""The Ray cluster a run or a sweep works on: a local one this process starts, or one it joins.
+
+A local Ray gets its dashboard on loopback (its Jobs API runs any code) and ``LOCAL_RAY_ENV``'s
+switches; a joined cluster gets this project's packages shipped as ``py_modules``, so that its
+workers run the same ``capi_core`` and ``orchestrator`` as the driver, whatever they have installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+import capi_core
+import orchestrator
+
+# Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
+# process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
+
+
+def init_local_ray(**options) -> None:
+    """Start a local Ray: its dashboard on loopback (its Jobs API runs any code) and, unless the user
+    set them, ``LOCAL_RAY_ENV``'s switches, which Ray's processes inherit from this one.
+
+    The dashboard stays on, although it costs ~2 % of a core: it serves the State API that Train's
+    placement-group cleaner asks about the controller (without it that actor warns every few seconds).
+    """
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    ray.init(dashboard_host="127.0.0.1", **options)
+
+
+def join_cluster(address: str) -> None:
+    """Connect to the Ray cluster at ``address`` (``auto``, ``ray://HOST:PORT`` or a GCS address),
+    shipping ``capi_core`` and ``orchestrator`` to its workers."""
+    modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
+    ray.init(address=address, runtime_env={"py_modules": modules})
