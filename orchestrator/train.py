@@ -17,9 +17,7 @@ The MLflow run id travels in every checkpoint, so all of this lands in one MLflo
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -35,9 +33,9 @@ from capi_core.config import TrainConfig, with_fields
 from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.cluster import init_local_ray, join_cluster
+from orchestrator.ray_internals import SNAPSHOT, quiet_report_logs, report_poll_interval_s
 from orchestrator.tracking import MlflowTracking, TrackingOptions
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's reported checkpoints
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -82,9 +80,7 @@ class RayReport(Callback):
     """
 
     def __init__(self):
-        from ray.train.v2._internal.constants import DEFAULT_HEALTH_CHECK_INTERVAL_S, HEALTH_CHECK_INTERVAL_S_ENV_VAR
-
-        self.min_interval_s = float(os.environ.get(HEALTH_CHECK_INTERVAL_S_ENV_VAR, DEFAULT_HEALTH_CHECK_INTERVAL_S))
+        self.min_interval_s = report_poll_interval_s()
         self._last = -math.inf
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
@@ -133,18 +129,6 @@ def _say(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
-def _quiet_report_logs() -> None:
-    """Ray Train 2.60 logs every report (metrics included) at INFO, under a logger named after its
-    file, which its LoggingConfig level misses; keep the console to rank 0's progress lines."""
-    import logging
-
-    from ray.train.v2._internal.execution import context
-
-    reporter = getattr(context, "logger", None)
-    if isinstance(reporter, logging.Logger):
-        reporter.setLevel(logging.WARNING)
-
-
 def metrics_summary(metrics: dict[str, float]) -> str:
     """``capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2% (+4.1 over random init)``."""
     line = (f"capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
@@ -167,7 +151,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     from capi_core.data import resolve_dataset
 
-    _quiet_report_logs()
+    quiet_report_logs()  # the console keeps rank 0's progress lines
     config = TrainConfig.model_validate(loop["config"])
     ctx = ray.train.get_context()
     if config.run.device == "cuda":

@@ -26,7 +26,8 @@ from capi_core.config import build_config
 from conftest import free_port
 from orchestrator.cli import main
 from orchestrator.tracking import RUN_ID_KEY, TrackingOptions
-from orchestrator.train import SNAPSHOT, ScalingOptions, TrainingError, run_distributed, run_path
+from orchestrator.ray_internals import SNAPSHOT
+from orchestrator.train import ScalingOptions, TrainingError, run_distributed, run_path
 
 GLOBAL_BATCH = 32
 

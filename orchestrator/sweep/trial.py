@@ -36,6 +36,7 @@ from typing import Any
 from capi_core.atomic import atomic_directory
 from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
 from capi_core.config import TrainConfig, with_fields
+from orchestrator.ray_internals import report_queue, set_report_queue
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics, trial_run_name
 
@@ -62,7 +63,7 @@ class ProbeReport(TuneReportCallback):
     def __init__(self, metric: str, config: TrainConfig, sink=None):
         super().__init__()
         if sink is not None:
-            self._training_actor_item_queue = sink
+            set_report_queue(self, sink)
         self.metric = metric
         self.config = config
         self._last_step = -1
@@ -78,7 +79,7 @@ class ProbeReport(TuneReportCallback):
         item = {**report, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
         if checkpoint is not None:
             item[CHECKPOINT_PATH_KEY] = checkpoint.path
-        self._training_actor_item_queue.put(item)
+        report_queue(self).put(item)
 
 
 @dataclass(frozen=True)
