@@ -57,6 +57,33 @@ class ScalingOptions(BaseModel):
                                                        "pyarrow URI (s3://...); None: run.output_dir")
 
 
+class WorkerTracking(BaseModel):
+    """Where rank 0 logs: the MLflow store, the run's settings and the run the driver opened, if any."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str = Field(description="resolved tracking URI")
+    options: TrackingOptions
+    run_id: str | None = Field(None, description="None: rank 0 opens the run (or finds it in its checkpoint)")
+
+
+class WorkerLoop(BaseModel):
+    """What crosses into every Ray Train worker, as ``train_loop_config``.
+
+    It travels as JSON (``model_dump(mode="json")``) and is validated again in the worker
+    (``train_loop``), so both sides of the boundary agree on its fields and types.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: TrainConfig = Field(description="the run's config, local paths absolute")
+    run_path: str = Field(description="where Ray keeps the run: <storage>/<run.name>, a path or a URI")
+    local_run_dir: bool = Field(description="run_path is a local directory: metrics.jsonl is written there")
+    fallback_resume: str | None = Field(None, description="a standalone run's directory to resume from when "
+                                                          "Ray holds no checkpoint of the run")
+    tracking: WorkerTracking | None = Field(None, description="None: no MLflow")
+
+
 @dataclass
 class TrainResult:
     path: str  # the Ray run directory: <storage>/<run.name>
@@ -140,11 +167,11 @@ def metrics_summary(metrics: dict[str, float]) -> str:
     return line
 
 
-def train_loop(loop: dict[str, Any]) -> None:
+def train_loop(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: one rank of the CAPI Trainer.
 
-    ``loop`` holds the config (JSON), the run directory, whether to fall back to the run
-    directory's own checkpoints (a run started standalone), and the MLflow settings.
+    ``loop_config``: a ``WorkerLoop`` as JSON (the config, the run directory, a standalone run to
+    fall back to, the MLflow settings).
     """
     import ray.train
     import torch.distributed as dist
@@ -152,7 +179,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     from capi_core.data import resolve_dataset
 
     quiet_report_logs()  # the console keeps rank 0's progress lines
-    config = TrainConfig.model_validate(loop["config"])
+    loop = WorkerLoop.model_validate(loop_config)
+    config = loop.config
     ctx = ray.train.get_context()
     if config.run.device == "cuda":
         import torch
@@ -167,21 +195,20 @@ def train_loop(loop: dict[str, Any]) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=f"capi-{config.run.name}-"))
     try:
         worker_config = with_fields(config, {"run.output_dir": scratch})
-        run_path = loop["run_path"]
+        run_path = loop.run_path
         callbacks: list[Callback] = [RayReport(), LogLines()]
-        if loop["local_run_dir"]:
+        if loop.local_run_dir:
             callbacks.append(JsonlMetrics(Path(run_path) / METRICS_FILE))
-        if loop["tracking"] is not None:
-            t = loop["tracking"]
-            callbacks.append(MlflowTracking(
-                t["uri"], TrackingOptions.model_validate(t["options"]), run_id=t["run_id"], config=config,
-                checkpoint_uri=lambda p: f"{run_path}/checkpoints/{Path(p).name}"))
+        if loop.tracking is not None:
+            t = loop.tracking
+            callbacks.append(MlflowTracking(t.uri, t.options, run_id=t.run_id, config=config,
+                                            checkpoint_uri=lambda p: f"{run_path}/checkpoints/{Path(p).name}"))
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             with checkpoint.as_directory() as resume:
                 trainer = Trainer(worker_config, callbacks, resume=resume)
         else:
-            trainer = Trainer(worker_config, callbacks, resume=loop["fallback_resume"])
+            trainer = Trainer(worker_config, callbacks, resume=loop.fallback_resume)
         if trainer.step >= config.optim.steps:
             if trainer.is_main:
                 _say(f"run {config.run.name} is already complete (step {trainer.step})")
@@ -236,18 +263,13 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
     local = "://" not in path
     # A run directory with checkpoints but no Ray record of them was started standalone: resume from it.
     fallback = path if local and has_state(Path(path)) and not Path(path, SNAPSHOT).exists() else None
-    loop = {
-        "config": config.model_dump(mode="json"),
-        "run_path": path,
-        "local_run_dir": local,
-        "fallback_resume": fallback,
-        "tracking": None if tracking_uri is None else {
-            "uri": tracking_uri, "options": (tracking or TrackingOptions()).model_dump(), "run_id": mlflow_run_id},
-    }
+    loop = WorkerLoop(config=config, run_path=path, local_run_dir=local, fallback_resume=fallback,
+                      tracking=None if tracking_uri is None else WorkerTracking(
+                          uri=tracking_uri, options=tracking or TrackingOptions(), run_id=mlflow_run_id))
     resources = {"CPU": scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop,
+        train_loop_config=loop.model_dump(mode="json"),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.workers, use_gpu=use_gpu,
                                                resources_per_worker=resources),

@@ -20,14 +20,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from pydantic import ValidationError
 
 from capi_core import checkpoint as ckpt
 from capi_core.config import build_config
 from conftest import free_port
 from orchestrator.cli import main
-from orchestrator.tracking import RUN_ID_KEY, TrackingOptions
 from orchestrator.ray_internals import SNAPSHOT
-from orchestrator.train import ScalingOptions, TrainingError, run_distributed, run_path
+from orchestrator.tracking import RUN_ID_KEY, TrackingOptions
+from orchestrator.train import ScalingOptions, TrainingError, WorkerLoop, WorkerTracking, run_distributed, run_path
 
 GLOBAL_BATCH = 32
 
@@ -137,6 +138,17 @@ def _registered_step(run_dir: Path) -> int:
         return int(snapshot["latest_checkpoint_result"]["checkpoint_dir_name"].rsplit("-", 1)[1])
     except (OSError, ValueError, KeyError, TypeError):
         return 0
+
+
+def test_the_worker_loop_crosses_as_json_and_is_validated_again(tiny_dataset, tmp_path):
+    """What build_trainer hands every Ray Train worker survives JSON unchanged, and a worker refuses
+    a loop whose fields it does not know."""
+    loop = WorkerLoop(config=tiny_config(tiny_dataset, tmp_path), run_path=str(tmp_path / "capi"), local_run_dir=True,
+                      tracking=WorkerTracking(uri="sqlite:///m.db", options=TrackingOptions(experiment="e")))
+    wire = json.loads(json.dumps(loop.model_dump(mode="json")))
+    assert WorkerLoop.model_validate(wire) == loop
+    with pytest.raises(ValidationError, match="extra"):
+        WorkerLoop.model_validate({**wire, "resume": True})
 
 
 def test_bad_setups_fail_before_training(ray_local, tiny_dataset, tmp_path):
