@@ -6,4 +6,5 @@
   held-out part of the training split only.
 - ``diagnostics``: high-norm token detector, norm profiles, attention-flow statistics.
 - ``pictures``: PCA-RGB of patch features, attention maps and token-norm heat maps as PNGs.
+- ``evaluate``: all of the above on one checkpoint, as one typed report (what ``capi eval run`` writes).
 """

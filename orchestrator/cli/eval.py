@@ -85,25 +85,14 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
 def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
     """(name, labelled train and test images for the encoder's input size as a ``ProbeSet``); dataset
     problems name the dataset."""
-    from capi_core.data import DatasetError, load_manifest, resolve_dataset
+    from capi_core.data import DatasetError
+    from capi_core.eval.evaluate import eval_dataset
     from capi_core.eval.online_probe import load_probe_set
 
-    name = dataset or config.data.dataset
     try:
-        path = resolve_dataset(name, config.data.cache_dir)
-        manifest = load_manifest(path)
+        name, path = eval_dataset(dataset, config)
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
-    if len(manifest.class_names) < 2:
-        raise click.ClickException(f"dataset {name!r} ({path}) has {len(manifest.class_names)} class label(s); "
-                                   "frozen-feature probes need a labelled dataset with at least 2 classes")
-    missing = [s for s in ("train", "test") if s not in manifest.splits]
-    if missing:
-        raise click.ClickException(f"dataset {name!r} ({path}) has no {' and no '.join(missing)} split "
-                                   f"(it has {', '.join(manifest.splits)}); evaluation needs both")
-    if manifest.channels != config.model.in_chans:
-        raise click.ClickException(f"dataset {name!r} has {manifest.channels}-channel images but the checkpoint's "
-                                   f"model takes {config.model.in_chans} (model.in_chans)")
     return name, load_probe_set(path, config.model.img_size, limit_train or None, limit_test or None, seed=seed,
                                 cache_dir=config.data.cache_dir)
 
@@ -151,22 +140,21 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     Probe hyperparameters are selected on a held-out 10% of the train split; the test split is
     scored once, with the selected setting. Accuracies are top-1 in %.
     """
-    probes = _parse_probes(probe_list)
-    from dataclasses import asdict, replace
-
     from rich.console import Console
 
-    from capi_core.eval.features import extract_features
-    from capi_core.eval.probes import ProbeProtocol, run_probes
+    from capi_core.eval.evaluate import EvalError, EvalSettings, evaluate
+    from capi_core.eval.probes import ProbeProtocol
 
+    probes = _parse_probes(probe_list)
     console = Console(stderr=True, highlight=False)
     model, config, autocast = _load_model(checkpoint, which, random_init, seed, device, precision)
-    encoder = model.encoder
     out = out or (checkpoint if checkpoint.is_dir() else checkpoint.parent) / (
         "eval-random-init" if random_init else "eval")
-    protocol = ProbeProtocol(seed=seed)
-    if epochs:
-        protocol = replace(protocol, epochs=epochs)
+    protocol = ProbeProtocol(seed=seed, **({"epochs": epochs} if epochs else {}))
+    settings = EvalSettings(probes=tuple(probes), protocol=protocol, batch_size=batch_size,
+                            include_registers=include_registers,
+                            diagnostic_images=diagnostic_images if diagnostics else None,
+                            picture_images=picture_images if pictures else None)
 
     with console.status("loading data") as status:
 
@@ -176,62 +164,15 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
                 console.print(message)
 
         name, probe_set = _load_probe_set(dataset, config, limit_train, limit_test, seed)
-        train_x, train_y, test_x, test_y = probe_set.train_x, probe_set.train_y, probe_set.test_x, probe_set.test_y
-        stage(f"features of {len(train_x)} train and {len(test_x)} test images")
-        train_tokens = extract_features(encoder, train_x, batch_size=batch_size, autocast_dtype=autocast).final
-        test_tokens = extract_features(encoder, test_x, batch_size=batch_size, autocast_dtype=autocast).final
-        report = {
-            "checkpoint": str(checkpoint), "which": which, "random_init": random_init, "dataset": name,
-            "train_images": len(train_x), "test_images": len(test_x), "autocast": str(autocast),
-            "features": "last layer, after the final norm; registers excluded" if not include_registers
-            else "last layer, after the final norm; registers included",
-            "protocol": asdict(protocol), "accuracy": "top-1 %",
-        }
         try:
-            results = run_probes(train_tokens, train_y, test_tokens, test_y, probes=probes, protocol=protocol,
-                                 include_registers=include_registers,
-                                 progress=lambda p: stage(f"probe {p}"))
-        except ValueError as err:
-            raise click.ClickException(f"dataset {name!r}: {err}") from None
-        if "knn" in probes:  # CAPI's own global representation (CAPI paper, Table 5), beside mean pooling
-            from capi_core.eval.features import predictor_pooled_tokens
-            from capi_core.eval.probes import run_probe
-
-            stage("probe knn_predictor (predictor pooling)")
-            pooled = [predictor_pooled_tokens(model.predictor, t, batch_size, autocast)
-                      for t in (train_tokens, test_tokens)]
-            result = run_probe("knn", pooled[0], train_y.long(), pooled[1], test_y.long(),
-                               int(max(train_y.max(), test_y.max())) + 1, protocol)
-            results.insert(probes.index("knn") + 1, replace(result, probe="knn_predictor"))
-        for r in results:
-            console.print(f"{r.probe}: " + ("n/a" if r.top1 is None else f"{r.top1:.2f}%"))
-        report["probes"] = [r.to_dict() for r in results]
-        if "knn" in probes and not random_init:  # the online probe's baseline, on these images
-            from capi_core.eval.online_probe import random_init_knn
-
-            stage("k-NN of the same architecture at its seeded random init")
-            knn = next(r for r in results if r.probe == "knn")
-            base = random_init_knn(config, probe_set, config.data.cache_dir, next(encoder.parameters()).device,
-                                   autocast, int(knn.selected["k"]), protocol.knn_temperature)
-            report["knn_random_init"] = base.knn_top1
-            report["knn_gain"] = knn.top1 - base.knn_top1
-            console.print(f"knn at random init: {base.knn_top1:.2f}% (gain {report['knn_gain']:+.2f} points)")
-        del train_tokens, test_tokens
-
-        if diagnostics:
-            from capi_core.eval.diagnostics import run_diagnostics
-
-            stage(f"diagnostics on {min(diagnostic_images, len(test_x))} test images")
-            report["diagnostics"] = run_diagnostics(encoder, test_x[:diagnostic_images], batch_size=min(batch_size, 64))
-        if pictures:
-            from capi_core.eval.pictures import write_pictures
-
-            stage("pictures")
-            tau = report.get("diagnostics", {}).get("outliers", {}).get("tau")
-            report["pictures"] = [str(p) for p in write_pictures(encoder, test_x[:picture_images], out, tau=tau)]
-    _write_json(out / "eval.json", report)
-    _print_table(report, results)
-    click.echo(f"wrote {out / 'eval.json'}" + (f" and {len(report['pictures'])} pictures" if pictures else ""))
+            report = evaluate(model, config, probe_set, settings, checkpoint=str(checkpoint), which=which,
+                              random_init=random_init, dataset=name, autocast_dtype=autocast, out=out,
+                              stage=stage, say=console.print)
+        except EvalError as err:
+            raise click.ClickException(str(err)) from None
+    _write_json(out / "eval.json", report.to_dict())
+    _print_table(report.to_dict(), report.probes)
+    click.echo(f"wrote {out / 'eval.json'}" + (f" and {len(report.pictures)} pictures" if pictures else ""))
 
 
 def _print_table(report: dict, results) -> None:
