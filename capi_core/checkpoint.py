@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from capi_core.atomic import atomic_directory
 from capi_core.config import TrainConfig
+from capi_core.models.encoder import Encoder
+from capi_core.models.student import Student
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
@@ -124,8 +126,6 @@ def load_encoder(path: Path, which: str = "teacher"):
     Returns ``(Encoder, TrainConfig)``. A file from another architecture or a corrupt file raises
     CheckpointError naming the file and the mismatch.
     """
-    from capi_core.models.encoder import Encoder
-
     return _load_part(path, which, "encoder", Encoder)
 
 
@@ -134,8 +134,6 @@ def load_student(path: Path, which: str = "teacher"):
 
     Returns ``(Student, TrainConfig)``; errors as ``load_encoder``.
     """
-    from capi_core.models.student import Student
-
     return _load_part(path, which, "", Student)
 
 

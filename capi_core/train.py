@@ -29,6 +29,7 @@ from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_checkpoint_step, is_probe_step
 from capi_core.config import ModelConfig, TrainConfig
 from capi_core.data import resolve_dataset
+from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
@@ -306,8 +307,6 @@ class Trainer:
 
     def _train_size(self) -> int:
         if not hasattr(self, "_n_train"):
-            from capi_core.data.format import load_manifest
-
             manifest = load_manifest(resolve_dataset(self.config.data.dataset, self.config.data.cache_dir))
             self._n_train = manifest.splits.get(self.config.data.split, 0)
         return self._n_train

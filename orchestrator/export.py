@@ -28,8 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
+from mlflow.exceptions import MlflowException
+from safetensors.torch import save_file
+
 from capi_core.atomic import atomic_directory
+from capi_core.checkpoint import STATE, CheckpointError, find_checkpoint, load_encoder
 from capi_core.config import TrainConfig, flatten
+from capi_core.data import resolve_dataset
+from capi_core.data.format import load_manifest
+from orchestrator.tracking import (CHECKPOINT_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG, child_runs,
+                                   mlflow_client, safe_uri)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -59,10 +68,6 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[
     ``provenance`` (run id, sweep, trial values, metrics) goes into config.json and the card. The
     directory is built beside ``out`` and renamed into place, replacing an earlier export.
     """
-    from safetensors.torch import save_file
-
-    from capi_core.checkpoint import STATE, CheckpointError, find_checkpoint, load_encoder
-
     checkpoint = find_checkpoint(checkpoint) or Path(checkpoint)
     try:
         encoder, config = load_encoder(checkpoint, "teacher")
@@ -102,9 +107,6 @@ def export_config(encoder, config: TrainConfig, provenance: dict[str, Any]) -> d
 
 
 def _dataset_facts(config: TrainConfig) -> dict[str, Any]:
-    from capi_core.data import resolve_dataset
-    from capi_core.data.format import load_manifest
-
     facts: dict[str, Any] = {"name_or_path": config.data.dataset, "split": config.data.split}
     try:
         manifest = load_manifest(resolve_dataset(config.data.dataset, config.data.cache_dir))
@@ -190,8 +192,6 @@ def _finite(value: Any) -> bool:
 # --------------------------------------------------------------------------------------- MLflow
 def sweep_parent(uri: str, sweep: str) -> str:
     """The newest parent run of sweep ``sweep`` in the store at ``uri``."""
-    from orchestrator.tracking import ROLE_TAG, SWEEP_TAG, mlflow_client
-
     client = mlflow_client(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiments, filter_string=f"tags.`{SWEEP_TAG}` = '{sweep}' and tags.`{ROLE_TAG}` = "
@@ -204,8 +204,6 @@ def sweep_parent(uri: str, sweep: str) -> str:
 
 def best_run(runs: list, metric: str, mode: str = "max"):
     """The run with the best final ``metric`` among runs that have it and a checkpoint; ExportError if none."""
-    from orchestrator.tracking import CHECKPOINT_TAG
-
     usable = [r for r in runs if _finite(r.data.metrics.get(metric)) and r.data.tags.get(CHECKPOINT_TAG)]
     if not usable:
         raise ExportError(f"none of the {len(runs)} runs has both metric {metric!r} and a checkpoint "
@@ -216,8 +214,6 @@ def best_run(runs: list, metric: str, mode: str = "max"):
 def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None, mode: str = "max",
                model_name: str | None = None, register: bool = True) -> Exported:
     """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
-    from orchestrator.tracking import CHECKPOINT_TAG, PARENT_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG, mlflow_client, safe_uri
-
     client = mlflow_client(uri)
     run = client.get_run(run_id)
     location = run.data.tags.get(CHECKPOINT_TAG)
@@ -243,8 +239,6 @@ def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None
 
 def register_export(client, name: str, run_id: str, source: str) -> str:
     """A new version of registered model ``name`` from the export at ``source``, aliased champion."""
-    from mlflow.exceptions import MlflowException
-
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -258,8 +252,6 @@ def register_export(client, name: str, run_id: str, source: str) -> str:
 def export_best(uri: str, parent_run_id: str, out: str | Path, metric: str, mode: str = "max",
                 model_name: str | None = None, register: bool = True) -> Exported:
     """Export the best child run of a sweep's parent run."""
-    from orchestrator.tracking import child_runs
-
     run = best_run(child_runs(uri, parent_run_id), metric, mode)
     return export_run(uri, run.info.run_id, out, metric, mode, model_name, register)
 
@@ -277,8 +269,6 @@ class _local_checkpoint:
             if not path.is_dir():
                 raise ExportError(f"checkpoint {path} does not exist (moved or pruned?)")
             return path
-        import pyarrow.fs
-
         self._tmp = tempfile.mkdtemp(prefix="capi-export-")
         fs, root = pyarrow.fs.FileSystem.from_uri(self.location)
         pyarrow.fs.copy_files(root, os.path.join(self._tmp, "ckpt"), source_filesystem=fs)

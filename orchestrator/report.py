@@ -15,10 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from capi_core.checkpoint import CheckpointError, latest_checkpoint, load_encoder
+from capi_core.data import resolve_dataset
+from capi_core.data.format import load_manifest
+from capi_core.data.reader import load_split
+from capi_core.eval.diagnostics import run_diagnostics
+from capi_core.eval.pictures import pyplot
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, noise_note,
                                         trial_rows, trial_run_name)
-from orchestrator.tracking import TRIAL_TAG, child_runs, mlflow_client
+from orchestrator.tracking import CHECKPOINT_TAG, TRIAL_TAG, child_runs, mlflow_client, safe_uri
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
 INDEX = "index.html"
@@ -55,8 +61,6 @@ def build_report(storage: str | Path, name: str, out: Path | None = None, images
 # ------------------------------------------------------------------------------------- gathering
 def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialReport]:
     """Every trial with its MLflow run, checkpoint, register count and learning curves."""
-    from orchestrator.tracking import CHECKPOINT_TAG
-
     client = mlflow_client(state.tracking_uri)
     try:
         runs = {r.data.tags.get(TRIAL_TAG): r for r in child_runs(state.tracking_uri, state.parent_run_id)}
@@ -76,8 +80,6 @@ def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialRe
         if not any(t.curves.values()):
             t.curves = _jsonl_curves(run_dir / "metrics.jsonl", (spec.search.metric, *CURVE_METRICS))
         if t.checkpoint is None:
-            from capi_core.checkpoint import latest_checkpoint
-
             found = latest_checkpoint(run_dir)
             t.checkpoint = str(found) if found else None
         if row.params:
@@ -105,12 +107,6 @@ def _jsonl_curves(path: Path, keys: tuple[str, ...]) -> dict[str, list[tuple[int
 
 def _diagnose(spec: SweepSpec, trials: list[TrialReport], images: int) -> None:
     """High-norm token fraction of each trial's final EMA teacher on ``images`` held-out images."""
-    from capi_core.checkpoint import CheckpointError, load_encoder
-    from capi_core.data import resolve_dataset
-    from capi_core.data.format import load_manifest
-    from capi_core.data.reader import load_split
-    from capi_core.eval.diagnostics import run_diagnostics
-
     cache: dict[tuple, Any] = {}
     for t in trials:
         if not t.checkpoint or "://" in t.checkpoint:
@@ -132,18 +128,9 @@ def _diagnose(spec: SweepSpec, trials: list[TrialReport], images: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_metric_vs_params(spec: SweepSpec, trials: list[TrialReport], out: Path) -> list[Path]:
     """One PNG per swept parameter: each trial's best metric against its value (categorical if needed)."""
-    plt = _pyplot()
+    plt = pyplot()
     paths = []
     scored = [t for t in trials if t.row.metric is not None and math.isfinite(t.row.metric)]
     for param in spec.search_space:
@@ -172,7 +159,7 @@ def plot_metric_vs_params(spec: SweepSpec, trials: list[TrialReport], out: Path)
 
 def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
     """Learning curves of every trial: the sweep metric and the CAPI loss against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     keys = (spec.search.metric, *CURVE_METRICS)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
     for ax, key in zip(axes, keys):
@@ -196,7 +183,7 @@ def plot_registers(trials: list[TrialReport], out: Path) -> Path | None:
     points = [(t.registers, t.high_norm, t.row.trial_id) for t in trials if t.high_norm is not None]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for registers, fraction, label in points:
         ax.scatter(registers, 100 * fraction)
@@ -217,8 +204,6 @@ def _slug(text: str) -> str:
 
 # ------------------------------------------------------------------------------------------ page
 def render(spec: SweepSpec, state: SweepState, trials: list[TrialReport], pictures: list[Path]) -> str:
-    from orchestrator.tracking import safe_uri  # the page is logged to MLflow: no user:password in it
-
     e = html.escape
     best = best_trial([t.row for t in trials], spec.search.mode)
     params = list(spec.search_space)

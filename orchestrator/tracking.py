@@ -32,6 +32,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+import mlflow
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import STATE, list_checkpoints
@@ -86,8 +92,6 @@ def resolve_uri(uri: str | None = None) -> str:
     ``uri``, else ``MLFLOW_TRACKING_URI``, else MLflow's default (``sqlite:///mlflow.db`` in the
     working directory). Absolute, because Ray workers run in their own working directories.
     """
-    import mlflow
-
     uri = uri or mlflow.get_tracking_uri()
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
@@ -121,8 +125,6 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"MLflow server {safe_uri(uri)} is not reachable ({reason}); start it, "
                                 f"or pass another --tracking-uri") from None
     elif parsed.scheme in ("sqlite", "file"):
-        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
-
         if parsed.scheme == "file" and not MLFLOW_ALLOW_FILE_STORE.get():  # else MLflow raises deep inside
             raise TrackingError(f"MLflow store {uri}: this MLflow refuses file stores unless "
                                 f"MLFLOW_ALLOW_FILE_STORE=true; use a sqlite:///PATH.db store or a server")
@@ -162,8 +164,6 @@ def _version(package: str) -> str:
 
 def system_tags(trainer: Trainer) -> dict[str, str]:
     """Devices, worker count and library versions of the process group running ``trainer``."""
-    import torch
-
     device = trainer.device
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -184,14 +184,10 @@ def system_tags(trainer: Trainer) -> dict[str, str]:
 def mlflow_client(uri: str):
     """The ``MlflowClient`` of the store at ``uri``, its model registry included: the one place a
     client is made, so that every caller talks to the same store the same way."""
-    from mlflow.tracking import MlflowClient
-
     return MlflowClient(uri, registry_uri=uri)
 
 
 def _experiment_id(client, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -206,8 +202,6 @@ def _experiment_id(client, name: str) -> str:
 
 
 def _existing_run(client, run_id: str):
-    from mlflow.exceptions import MlflowException
-
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -236,8 +230,6 @@ def log_config(uri: str, run_id: str, config: TrainConfig) -> None:
     MLflow params are immutable: on a resume with a changed field (e.g. more ``optim.steps``) the
     new value goes to a ``resumed.<field>`` tag instead.
     """
-    from mlflow.entities import Param, RunTag
-
     client = mlflow_client(uri)
     logged = client.get_run(run_id).data.params
     params = config_params(config)
@@ -315,8 +307,6 @@ def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepS
 
 
 def _params(values: dict[str, Any]) -> list:
-    from mlflow.entities import Param
-
     return [Param(k, str(v)) for k, v in values.items()]
 
 
@@ -376,8 +366,6 @@ def record_exploit(uri: str, run_id: str, exploit: str) -> None:
 def log_sweep_summary(outcome: SweepOutcome) -> None:
     """The parent run's summary: best metric, best trial and run ids, trial counts; then FINISHED,
     KILLED if trials are left to resume, or FAILED if every trial failed."""
-    from mlflow.entities import Metric, RunTag
-
     state = outcome.state
     client = mlflow_client(state.tracking_uri)
     counts: dict[str, int] = {}
@@ -469,8 +457,6 @@ class MlflowTracking(Callback):
 
     # -------------------------------------------------------------------------------- internals
     def _add(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v))
         del self._buffer[:-_MAX_BUFFERED]
@@ -501,8 +487,6 @@ class MlflowTracking(Callback):
 
 
 def _tags(tags: dict[str, str]) -> list:
-    from mlflow.entities import RunTag
-
     return [RunTag(k, v) for k, v in redact(tags).items()]
 
 

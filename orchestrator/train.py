@@ -26,15 +26,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
+from ray.train import TrainingFailedError
+from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig, with_fields
+from capi_core.data import resolve_dataset
 from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.cluster import init_local_ray, join_cluster
+from orchestrator.progress import LogLines, say
 from orchestrator.ray_internals import SNAPSHOT, quiet_report_logs, report_poll_interval_s
-from orchestrator.tracking import MlflowTracking, TrackingOptions
+from orchestrator.tracking import (MlflowTracking, TrackingError, TrackingOptions, best_effort, check_reachable,
+                                   end_run, open_run, resolve_uri, run_id_in_checkpoints)
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -111,15 +120,11 @@ class RayReport(Callback):
         self._last = -math.inf
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        import ray.train
-
         if PROBE_METRIC in metrics or self._due(trainer):
             ray.train.report({"step": step, **metrics})
             self._last = time.monotonic()
 
     def on_checkpoint(self, trainer: Trainer, step: int, path: Path | None, metrics: dict[str, float]) -> None:
-        import ray.train
-
         checkpoint = ray.train.Checkpoint.from_directory(path) if path is not None else None
         ray.train.report({"step": step, **metrics}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoints/{checkpoint_name(step)}",
@@ -127,44 +132,11 @@ class RayReport(Callback):
         self._last = time.monotonic()
 
     def _due(self, trainer: Trainer) -> bool:
-        import torch
-        import torch.distributed as dist
-
         due = torch.tensor([time.monotonic() - self._last >= self.min_interval_s], dtype=torch.uint8,
                            device=trainer.device)
         if trainer.distributed:
             dist.broadcast(due, src=0)
         return bool(due.item())
-
-
-class LogLines(Callback):
-    """Prints one progress line per log step on rank 0 (Ray forwards it to the driver's console)."""
-
-    def on_start(self, trainer: Trainer) -> None:
-        if trainer.is_main:
-            _say(f"precision: {trainer.precision.describe()}")
-        if trainer.is_main and trainer.step:
-            _say(f"resumed at step {trainer.step}/{trainer.config.optim.steps}")
-
-    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if trainer.is_main:
-            _say(f"step {step}/{trainer.config.optim.steps}  {metrics_summary(metrics)}")
-
-
-def _say(line: str) -> None:
-    # The real stdout: Ray Train's patched print would also log the line, and it would show twice.
-    print(line, file=sys.__stdout__, flush=True)
-
-
-def metrics_summary(metrics: dict[str, float]) -> str:
-    """``capi 6.012  clust 6.101  H(T) 5.93  812 img/s  knn 61.2% (+4.1 over random init)``."""
-    line = (f"capi {metrics['train/capi_loss']:.3f}  clust {metrics['train/clustering_loss']:.3f}"
-            f"  H(T) {metrics['train/target_entropy']:.2f}  {metrics['train/images_per_s']:.0f} img/s")
-    if PROBE_METRIC in metrics:
-        line += f"  knn {metrics[PROBE_METRIC]:.1f}%"
-    if "probe/knn_gain" in metrics:
-        line += f" ({metrics['probe/knn_gain']:+.1f} over random init)"
-    return line
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -173,19 +145,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     ``loop_config``: a ``WorkerLoop`` as JSON (the config, the run directory, a standalone run to
     fall back to, the MLflow settings).
     """
-    import ray.train
-    import torch.distributed as dist
-
-    from capi_core.data import resolve_dataset
-
     quiet_report_logs()  # the console keeps rank 0's progress lines
     loop = WorkerLoop.model_validate(loop_config)
     config = loop.config
     ctx = ray.train.get_context()
     if config.run.device == "cuda":
-        import torch
-        from ray.train.torch import get_device
-
         torch.cuda.set_device(get_device())  # so the Trainer's "cuda" is this worker's GPU
     # A built-in dataset is imported on first use: once per node, before the other ranks read it.
     if ctx.get_local_rank() == 0:
@@ -211,7 +175,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             trainer = Trainer(worker_config, callbacks, resume=loop.fallback_resume)
         if trainer.step >= config.optim.steps:
             if trainer.is_main:
-                _say(f"run {config.run.name} is already complete (step {trainer.step})")
+                say(f"run {config.run.name} is already complete (step {trainer.step})")
             return
         trainer.fit()
     finally:
@@ -253,9 +217,6 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
     MLflow logging from rank 0 into ``mlflow_run_id`` (opened beforehand) or a new run.
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` in a sweep.
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
     config = with_fields(config, {"run.device": "cuda" if use_gpu else "cpu",
                                   "run.threads": config.run.threads or max(1, int(scaling.cpus_per_worker))})
@@ -308,11 +269,6 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
     Raises TrainingError (bad setup, or failed after ``max_failures`` restarts) before or after
     training; the MLflow run is then marked FAILED.
     """
-    import ray
-    from ray.train import TrainingFailedError
-
-    from orchestrator import tracking as track
-
     scaling = scaling or ScalingOptions()
     config = absolute_paths(config)
     path = run_path(config, scaling)
@@ -324,10 +280,10 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
         check_dataset(config)  # the same machine: fail here, not in every worker restart
     uri = run_id = None
     if tracking is not None:
-        uri = track.resolve_uri(tracking.uri)
+        uri = resolve_uri(tracking.uri)
         try:
-            track.check_reachable(uri)
-        except track.TrackingError as err:
+            check_reachable(uri)
+        except TrackingError as err:
             raise TrainingError(str(err)) from None
 
     started = False
@@ -347,8 +303,8 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
         # resume the latest checkpoint names the run to continue. Remote storage is not read here:
         # then rank 0 finds the run id in the checkpoint it resumes from, or opens the run itself.
         if tracking is not None and (local or not resume):
-            saved = track.run_id_in_checkpoints(Path(path)) if resume else None
-            run_id = track.open_run(uri, config, tracking, saved)
+            saved = run_id_in_checkpoints(Path(path)) if resume else None
+            run_id = open_run(uri, config, tracking, saved)
         trainer = build_trainer(config, scaling, tracking_uri=uri, tracking=tracking, mlflow_run_id=run_id)
         try:
             result = trainer.fit()
@@ -369,16 +325,12 @@ def run_distributed(config: TrainConfig, scaling: ScalingOptions | None = None, 
 
 def _end_run(uri: str | None, run_id: str | None, status: str, error: str | None = None) -> None:
     """Close the MLflow run; a tracking failure is reported, not raised over the training's outcome."""
-    from orchestrator.tracking import best_effort, end_run
-
     if run_id is not None:
         best_effort(lambda: end_run(uri, run_id, status, error), f"could not mark MLflow run {run_id} {status}")
 
 
 def check_dataset(config: TrainConfig) -> None:
     """TrainingError naming ``data.dataset`` when the run's dataset is missing or unreadable here."""
-    from capi_core.data import resolve_dataset
-
     try:
         resolve_dataset(config.data.dataset, config.data.cache_dir)
     except (ValueError, OSError) as err:
@@ -387,8 +339,6 @@ def check_dataset(config: TrainConfig) -> None:
 
 def _check_resources(scaling: ScalingOptions, strict: bool) -> None:
     """Refuse a run the (local) cluster can never place, instead of letting Ray wait for it."""
-    import ray
-
     have = ray.cluster_resources()
     need = {"CPU": scaling.workers * scaling.cpus_per_worker, **({"GPU": scaling.workers} if scaling.use_gpu else {})}
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if have.get(k, 0) < v}

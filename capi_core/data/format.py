@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capi_core.atomic import atomic_write, atomic_write_text
@@ -162,8 +163,6 @@ def sha256_file(path: Path) -> str:
 
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless PNG of ``pixels`` uint8 ``[H, W]`` (grey) or ``[H, W, 3]`` (RGB)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()

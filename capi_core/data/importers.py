@@ -17,20 +17,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from capi_core.data.format import (
-    FORMAT_VERSION,
-    MANIFEST,
-    SHARD_ROWS,
-    DatasetError,
-    Manifest,
-    PixelStats,
-    SplitWriter,
-    check_split_name,
-    encode_png,
-    load_manifest,
-    write_manifest,
-)
+from capi_core.data.format import (FORMAT_VERSION, MANIFEST, SHARD_ROWS, DatasetError, Manifest, PixelStats,
+                                   SplitWriter, check_split_name, encode_png, load_manifest, write_manifest)
 
 Progress = Callable[[str, int, int], None]
 Record = tuple[str, bytes, int, np.ndarray]  # id, encoded image, label, pixels uint8 [H, W, C]
@@ -224,8 +214,6 @@ def import_fashion_mnist(out: str | Path, source: str | Path | None = None, shar
 # Image folders: ROOT/<class>/**/*.{jpg,jpeg,png}
 
 def _open_image(path: Path):
-    from PIL import Image
-
     try:
         image = Image.open(path)
         image.load()
@@ -236,8 +224,6 @@ def _open_image(path: Path):
 
 def _resize_center_crop(image, size: int):
     """Shorter side to ``size`` (bicubic, antialiased), then the central ``size`` x ``size`` square."""
-    from PIL import Image
-
     w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -276,8 +262,6 @@ def import_imagefolder(root: str | Path, out: str | Path, size: int | None = Non
         files += [(p, label) for p in found]
 
     # Pass 1: headers only, to choose the mode and size.
-    from PIL import Image
-
     sizes, grey = [], 0
     for i, (path, _) in enumerate(files):
         try:

@@ -27,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from capi_core.config import DataConfig
+from capi_core.data import resolve_dataset
 from capi_core.data.format import ShardInfo, load_manifest, read_shard
 
 RATIO = (3 / 4, 4 / 3)
@@ -131,8 +133,6 @@ def resized_crops(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None 
 
 def decode_images(blobs: Sequence[bytes], channels: int) -> Tensor:
     """PNG/JPEG bytes -> uint8 ``[B, C, H, W]`` (all images of a dataset share one size)."""
-    from PIL import Image
-
     mode = "L" if channels == 1 else "RGB"
     images = []
     for blob in blobs:
@@ -257,8 +257,6 @@ def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0
     ``B = batch_size`` per rank. Batches are decoded and augmented by ``cfg.loader_workers`` processes
     (0: in this process); batch ``s`` depends only on (dataset, cfg, seed, rank, world_size, s).
     """
-    from capi_core.data import resolve_dataset
-
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     dataset = TrainBatches(resolve_dataset(cfg.dataset, cfg.cache_dir), cfg, img_size, batch_size, rank,

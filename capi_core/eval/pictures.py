@@ -53,9 +53,19 @@ def _upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
     return F.interpolate(maps.permute(0, 3, 1, 2), size=size, mode="nearest").permute(0, 2, 3, 1)
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    # deferred: choosing a backend is a process-wide switch, made only once a picture is drawn
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred: loaded only once the backend is chosen
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -66,12 +76,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _figure(rows: int, cols: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(1.6 * cols, 1.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.set_axis_off()
     return fig, axes

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
 @click.group()
@@ -17,8 +18,7 @@ def data() -> None:
 @contextmanager
 def _errors_and_progress():
     """Yield a ``progress(stage, done, total)`` callback drawing rich bars; dataset errors become CLI errors."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    # deferred: pyarrow
     from capi_core.data import DatasetError
 
     bars = Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -74,6 +74,7 @@ def import_() -> None:
 @click.option("--shard-rows", type=click.IntRange(min=1), help="Images per Parquet shard.")
 def fashion_mnist(source, out, shard_rows) -> None:
     """Fashion-MNIST: 60,000 train + 10,000 test 28x28 grey images, checked against their md5."""
+    # deferred: pyarrow
     from capi_core.data import builtin_dir, import_builtin, load_manifest
     from capi_core.data.format import MANIFEST
     from capi_core.data.importers import import_fashion_mnist
@@ -101,6 +102,7 @@ def fashion_mnist(source, out, shard_rows) -> None:
 @click.option("--shard-rows", type=click.IntRange(min=1), help="Images per Parquet shard.")
 def idx(images, labels, out, split, name, shard_rows) -> None:
     """An IDX pair (gzip or not), e.g. MNIST; run again with --split test to add the test split."""
+    # deferred: pyarrow
     from capi_core.data.importers import import_idx
 
     with _errors_and_progress() as progress:
@@ -121,6 +123,7 @@ def idx(images, labels, out, split, name, shard_rows) -> None:
 @click.option("--shard-rows", type=click.IntRange(min=1), help="Images per Parquet shard.")
 def imagefolder(root, out, size, val_fraction, seed, shard_rows) -> None:
     """A class-per-folder tree ROOT/<class>/*.{jpg,jpeg,png}; mixed grey/RGB becomes the majority mode."""
+    # deferred: pyarrow
     from capi_core.data.importers import import_imagefolder
 
     with _errors_and_progress() as progress:
@@ -131,6 +134,7 @@ def imagefolder(root, out, size, val_fraction, seed, shard_rows) -> None:
 
 def _dataset_dir(dataset: str) -> Path:
     """A directory as given, or where a built-in name was imported."""
+    # deferred: pyarrow
     from capi_core.data import BUILTIN_DATASETS, builtin_dir
 
     path = Path(dataset)
@@ -141,6 +145,7 @@ def _dataset_dir(dataset: str) -> Path:
 @click.argument("dataset")
 def info(dataset) -> None:
     """Summarise DATASET (a directory, or a built-in name already imported)."""
+    # deferred: pyarrow
     from capi_core.data import load_manifest
 
     with _errors_and_progress():
@@ -152,6 +157,7 @@ def info(dataset) -> None:
 @click.argument("dataset")
 def verify(dataset) -> None:
     """Check every shard of DATASET against the manifest's sha256, rows and labels."""
+    # deferred: pyarrow
     from capi_core.data import verify_dataset
 
     with _errors_and_progress():

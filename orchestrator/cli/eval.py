@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from capi_core.atomic import atomic_write_text
 
@@ -61,9 +64,11 @@ def _checkpoint_options(f):
 def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, device: str, precision: str):
     """(whole CAPI model on its device, TrainConfig, autocast dtype or None); problems become clear CLI
     errors. The probes read ``model.encoder``; predictor pooling also needs ``model.predictor``."""
+    # deferred: torch
     import torch
 
     from capi_core.checkpoint import CheckpointError, load_student
+    from capi_core.models.student import Student
     from capi_core.train import pick_device, use_bf16
 
     try:
@@ -71,8 +76,6 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
     except CheckpointError as err:
         raise click.ClickException(str(err)) from None
     if random_init:
-        from capi_core.models.student import Student
-
         torch.manual_seed(seed)
         model = Student(config).eval()
     try:
@@ -85,6 +88,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
 def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
     """(name, labelled train and test images for the encoder's input size as a ``ProbeSet``); dataset
     problems name the dataset."""
+    # deferred: pyarrow and torch
     from capi_core.data import DatasetError
     from capi_core.eval.evaluate import eval_dataset
     from capi_core.eval.online_probe import load_probe_set
@@ -140,8 +144,7 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     Probe hyperparameters are selected on a held-out 10% of the train split; the test split is
     scored once, with the selected setting. Accuracies are top-1 in %.
     """
-    from rich.console import Console
-
+    # deferred: torch
     from capi_core.eval.evaluate import EvalError, EvalSettings, evaluate
     from capi_core.eval.probes import ProbeProtocol
 
@@ -176,10 +179,6 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
 
 
 def _print_table(report: dict, results) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     title = escape(f"{report['checkpoint']} ({'random init' if report['random_init'] else report['which']}) on "
              f"{report['dataset']}: {report['train_images']} train / {report['test_images']} test images")
     table = Table(title=title, title_justify="left")
@@ -223,6 +222,7 @@ def knn(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
 
     With --pool mean, the same metric as the trainer's online probe/knn_top1, on more images.
     """
+    # deferred: torch
     from capi_core.eval.features import pooled_features
     from capi_core.eval.knn import knn_top1
     from capi_core.eval.online_probe import random_init_knn

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from orchestrator.sweep.spec import Search, SweepSpec
+
 
 @click.command()
 @click.option("--sweep", "sweep_name", metavar="NAME", help="export the best trial of this sweep")
@@ -30,8 +32,8 @@ def export(sweep_name, run_id, metric, mode, out, tracking_uri, storage, model_n
     """
     if (sweep_name is None) == (run_id is None):
         raise click.UsageError("give exactly one of --sweep NAME and --run ID")
+    # deferred: MLflow
     from orchestrator.export import ExportError, export_best, export_run, sweep_parent
-    from orchestrator.sweep.spec import Search
     from orchestrator.tracking import resolve_uri
 
     default_metric, default_mode = Search.model_fields["metric"].default, Search.model_fields["mode"].default
@@ -55,7 +57,7 @@ def export(sweep_name, run_id, metric, mode, out, tracking_uri, storage, model_n
 
 def _sweep_location(name: str, storage: Path | None, tracking_uri: str | None):
     """(tracking uri, parent run id, metric, mode) from the sweep's storage if it is here, else from MLflow."""
-    from orchestrator.sweep.spec import SweepSpec
+    # deferred: torch and MLflow
     from orchestrator.sweep.storage import SweepError, load_sweep_run
     from orchestrator.tracking import resolve_uri
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from capi_core.config import flatten
+from orchestrator.sweep.spec import SweepSpec, SweepSpecError, load_sweep
 
 
 @click.group()
@@ -25,10 +32,6 @@ def validate(file: Path) -> None:
 
 def _load(file: Path):
     """The validated sweep, or exit 1 after printing every problem (nothing else has started)."""
-    import warnings
-
-    from orchestrator.sweep.spec import SweepSpecError, load_sweep
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -43,10 +46,7 @@ def _load(file: Path):
 
 
 def _print_summary(spec, file: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from capi_core.config import flatten
+    # deferred: MLflow
     from orchestrator.tracking import safe_uri
 
     base = spec.base_config
@@ -92,8 +92,6 @@ _ADDRESS_HELP = "join a running cluster: auto, or ray://HEAD:10001; default: sta
 
 
 def _storage(storage: Path | None) -> Path:
-    from orchestrator.sweep.spec import SweepSpec
-
     return storage or SweepSpec.model_fields["storage"].default
 
 
@@ -110,6 +108,7 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
     exports the best one and says how to open MLflow. An interrupted sweep continues with
     `capi sweep resume NAME`.
     """
+    # deferred: torch and Ray
     from orchestrator.sweep.storage import SweepError
     from orchestrator.sweep.tune import run_sweep
 
@@ -133,6 +132,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
     Ray Tune restores its state by unpickling files in <storage>/NAME: only resume sweeps from
     storage you (this tool) wrote, never a directory someone else can write to.
     """
+    # deferred: torch and Ray
     from orchestrator.sweep.storage import SweepError
     from orchestrator.sweep.tune import resume_sweep
 
@@ -148,6 +148,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
 def status(name: str, storage: Path | None) -> None:
     """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
+    # deferred: torch and MLflow
     from orchestrator.sweep.storage import SweepError, load_sweep_run, noise_note, trial_rows
     from orchestrator.tracking import safe_uri
 
@@ -172,6 +173,7 @@ def status(name: str, storage: Path | None) -> None:
 def report(name: str, storage: Path | None, out: Path | None, images: int, log: bool) -> None:
     """Write an HTML report of sweep NAME: metric vs parameters, learning curves, registers vs
     high-norm tokens, a table of the trials; log it to the parent MLflow run."""
+    # deferred: torch and MLflow
     from orchestrator.report import build_report
     from orchestrator.sweep.storage import SweepError
 
@@ -196,6 +198,7 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
     ~/.ray/auth_token supply the token, which is never printed); one that accepts jobs without a
     token is refused unless --insecure.
     """
+    # deferred: Ray
     from orchestrator.sweep import jobs
 
     spec = _load(file)
@@ -217,9 +220,7 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
 
 
 def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    # deferred: torch
     from orchestrator.sweep.storage import best_trial
 
     best = best_trial(rows, mode)
@@ -229,8 +230,6 @@ def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | 
         table.add_row(r.trial_id, r.status + (f": {r.error}" if r.error else ""),
                       *[str(r.params.get(p, "")) for p in params], _num(r.metric), _signed(r.gain), _num(r.last),
                       str(r.probe_evals), str(r.step or ""), style=style)
-    import sys
-
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs: no truncated cells
     console.print(table)
     if best is not None:
@@ -252,6 +251,7 @@ def _num(value) -> str:
 
 def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
+    # deferred: MLflow
     from orchestrator.export import ExportError, export_best, export_run
     from orchestrator.tracking import child_run_id, safe_uri
 

@@ -2,43 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-
-def _progress_callback(total_steps: int):
-    """A rich progress bar with the latest losses, as a trainer callback (rank 0 only)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    from capi_core.train import Callback
-    from orchestrator.train import metrics_summary
-
-    class ProgressBar(Callback):
-        def on_start(self, trainer):
-            if not trainer.is_main:
-                return
-            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                     transient=False, disable=not sys.stderr.isatty())
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=total_steps, completed=trainer.step, info="")
-            click.echo(f"precision: {trainer.precision.describe()}", err=True)
-
-        def on_log(self, trainer, step, metrics):
-            if not trainer.is_main:
-                return
-            summary = metrics_summary(metrics)
-            self.progress.update(self.task, completed=step, info=summary)
-            if not sys.stderr.isatty():  # no live bar (CI, logs): print a line per log step instead
-                click.echo(f"step {step}/{total_steps}  {summary}", err=True)
-
-        def on_end(self, trainer, step, metrics):
-            if trainer.is_main:
-                self.progress.stop()
-
-    return ProgressBar()
+from capi_core.config import ConfigError, build_config, load_config
 
 
 def _tracking_options(tracking: bool, tracking_uri: str | None, experiment: str | None):
@@ -46,12 +12,13 @@ def _tracking_options(tracking: bool, tracking_uri: str | None, experiment: str 
     if not tracking:
         return None
     try:
-        import mlflow  # noqa: F401
+        import mlflow  # noqa: F401 - deferred: asks whether MLflow is installed; capi train runs without it
     except ImportError:
         if tracking_uri or experiment:
             raise click.UsageError("--tracking-uri/--experiment need MLflow, which is not installed") from None
         click.echo("MLflow is not installed: training without tracking", err=True)
         return None
+    # deferred: MLflow
     from orchestrator.tracking import TrackingOptions
 
     return TrackingOptions(uri=tracking_uri, **({"experiment": experiment} if experiment else {}))
@@ -97,8 +64,6 @@ def train(preset, config_file, workers, address, cpus_per_worker, max_failures, 
     continues the same MLflow run. With --workers, a failed worker restarts the group from the
     latest checkpoint up to --max-failures times; running the same command again resumes.
     """
-    from capi_core.config import ConfigError, build_config, load_config
-
     try:
         if config_file:
             config = load_config(config_file, list(overrides))
@@ -116,6 +81,7 @@ def train(preset, config_file, workers, address, cpus_per_worker, max_failures, 
 
 
 def _train_distributed(config, workers, address, cpus_per_worker, max_failures, storage, track, resume) -> None:
+    # deferred: Ray
     from orchestrator.train import ScalingOptions, TrainingError, run_distributed
 
     given = {"cpus_per_worker": cpus_per_worker, "max_failures": max_failures, "storage_path": storage}
@@ -131,10 +97,13 @@ def _train_distributed(config, workers, address, cpus_per_worker, max_failures, 
 
 
 def _train_standalone(config, track, resume) -> None:
+    # deferred: torch
     from capi_core.train import JsonlMetrics, Trainer
+    from orchestrator.progress import ProgressBar
 
-    callbacks = [JsonlMetrics(), _progress_callback(config.optim.steps)]
+    callbacks = [JsonlMetrics(), ProgressBar(config.optim.steps)]
     if track is not None:
+        # deferred: MLflow
         from orchestrator.tracking import MlflowTracking, TrackingError, check_reachable, resolve_uri
 
         uri = resolve_uri(track.uri)

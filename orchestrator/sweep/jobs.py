@@ -10,6 +10,7 @@ sent as a bearer header and never printed.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import time
@@ -17,6 +18,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from ray.job_submission import JobSubmissionClient
 
 # Left out of the uploaded working directory: environments, outputs, stores, VCS metadata.
 EXCLUDES = [".venv", "venv", "runs", "mlruns", "mlartifacts", "*.db", ".git", "__pycache__", "*.egg-info",
@@ -69,8 +72,6 @@ def requires_token(address: str, timeout: float = 10.0) -> bool:
 def job_client(address: str, insecure: bool = False, timeout: float = 10.0):
     """A ``JobSubmissionClient`` for ``address`` carrying the token; refuses an unauthenticated cluster
     unless ``insecure``."""
-    from ray.job_submission import JobSubmissionClient
-
     if not requires_token(address, timeout):
         if not insecure:
             raise JobError(f"the Ray cluster at {address} accepts jobs without authentication: anyone who can reach "
@@ -124,8 +125,6 @@ def submit(client, sweep_name: str, sweep_file: Path, project_dir: Path) -> str:
 
 def follow(client, job_id: str, echo: Callable[[str], None]) -> str:
     """Print the job's logs as they come until it ends; returns its final status."""
-    import asyncio
-
     async def tail() -> None:
         async for chunk in client.tail_job_logs(job_id):
             echo(chunk.rstrip("\n"))

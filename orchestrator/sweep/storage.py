@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_write_text
+from capi_core.checkpoint import STATE, latest_checkpoint
 from capi_core.config import TrainConfig
+from capi_core.data import DatasetError, resolve_dataset
+from capi_core.eval.online_probe import probe_noise
 from orchestrator.sweep.spec import SweepSpec
 
 PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
@@ -130,8 +133,6 @@ def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepStat
 
 def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
     """The metrics saved in a finished run's last checkpoint (with its step), or None if unfinished."""
-    from capi_core.checkpoint import STATE, latest_checkpoint
-
     found = latest_checkpoint(run_dir)
     if found is None:
         return None
@@ -147,9 +148,6 @@ def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
 def noise_note(spec: SweepSpec) -> str | None:
     """Which probe set the trials were scored on and the difference below which their scores are
     noise, for the table's footer and the parent run; None if the dataset cannot be read here."""
-    from capi_core.data import DatasetError, resolve_dataset
-    from capi_core.eval.online_probe import probe_noise
-
     cfg = spec.base_config
     try:
         return probe_noise(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size,

@@ -33,21 +33,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+from ray.train import TrainingFailedError
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.util.queue import Queue
+
 from capi_core.atomic import atomic_directory
 from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
+from capi_core.checkpoint import STATE
 from capi_core.config import TrainConfig, with_fields
+from orchestrator import tracking as track
 from orchestrator.ray_internals import report_queue, set_report_queue
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics, trial_run_name
+from orchestrator.train import ScalingOptions, build_trainer, describe_failure, has_state, run_path
 
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
 TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
 
-
-try:  # a Train callback class must exist at import time; Ray is an orchestrator dependency
-    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-except ImportError:  # pragma: no cover - only without ray[tune]
-    TuneReportCallback, CHECKPOINT_PATH_KEY = object, "checkpoint_path"
 
 
 class ProbeReport(TuneReportCallback):
@@ -95,8 +98,6 @@ class TrialError(RuntimeError):
 
 
 def scaling_options(spec: SweepSpec):
-    from orchestrator.train import ScalingOptions
-
     res = spec.resources
     return ScalingOptions(workers=res.workers, cpus_per_worker=res.cpus_per_worker,
                           use_gpu=res.gpus_per_worker > 0, max_failures=spec.failure.max_failures)
@@ -120,20 +121,14 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> Trai
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """The Tune trial: one CAPI run as a Ray Train run, tracked in a child MLflow run."""
-    import ray.tune
-    from ray.train import TrainingFailedError
-
-    from orchestrator import tracking as track
-    from orchestrator.train import build_trainer, describe_failure, run_path
-
     spec, state = setup.spec, setup.state
-    trial_id = ray.tune.get_context().get_trial_id()
+    trial_id = tune.get_context().get_trial_id()
     config = trial_config(spec, params, trial_id)
     scaling = scaling_options(spec)
     pbt = spec.scheduler.type == "pbt"
     donor = None
     if pbt:  # PBT may hand this trial a checkpoint: its own (a restart) or a donor's (an exploit)
-        config, donor = pbt_lineage(config, spec.name, trial_id, ray.tune.get_checkpoint())
+        config, donor = pbt_lineage(config, spec.name, trial_id, tune.get_checkpoint())
     path = Path(run_path(config, scaling))
 
     final = final_metrics(path, config) if donor is None else None
@@ -141,7 +136,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         run_id = track.child_run_id(state, trial_id)
         if run_id:  # the interruption may have come before rank 0 closed the run
             track.close_run(state.tracking_uri, run_id)
-        ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
+        tune.report({**final, PROBE_EVALS: probes_per_run(config)})
         return
 
     options = track.trial_options(state, spec, trial_id)
@@ -151,7 +146,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         seed_from_donor(donor, path, run_id, state.tracking_uri)
         final = final_metrics(path, config)
         if final is not None:  # exploited at the donor's last step: nothing left to train
-            ray.tune.report({**final, PROBE_EVALS: probes_per_run(config)})
+            tune.report({**final, PROBE_EVALS: probes_per_run(config)})
             track.end_run(state.tracking_uri, run_id, "FINISHED")
             return
     try:
@@ -190,27 +185,20 @@ def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> t
 def seed_from_donor(donor: dict[str, Any], run_dir: Path, run_id: str, uri: str) -> None:
     """Copy the donor's Train checkpoint into the new run directory, as this trial's (its MLflow run
     id in the metadata), unless the run already started; record the exploit on the MLflow run."""
-    from capi_core.checkpoint import STATE
-    from orchestrator.tracking import RUN_ID_KEY, record_exploit
-    from orchestrator.train import has_state
-
     if has_state(run_dir):
         return  # a restart of this exploit: Train resumes the run itself
     source = Path(donor["checkpoint"])
     with atomic_directory(run_dir / "checkpoints" / source.name) as tmp:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         state = json.loads((tmp / STATE).read_text())
-        state.setdefault("metadata", {})[RUN_ID_KEY] = run_id
+        state.setdefault("metadata", {})[track.RUN_ID_KEY] = run_id
         (tmp / STATE).write_text(json.dumps(state, indent=1))
-    record_exploit(uri, run_id, f"{donor['trial_id']}@{source.name}")
+    track.record_exploit(uri, run_id, f"{donor['trial_id']}@{source.name}")
 
 
 def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metric: str, trial_id: str) -> None:
     """Run the Train run in a thread and report its probe results to Tune from this (the trial's)
     thread, each with a Tune checkpoint that points at the Train checkpoint of that step."""
-    import ray.tune
-    from ray.util.queue import Queue
-
     sink = Queue(actor_options={"num_cpus": 0})
     trainer = make_trainer(ProbeReport(metric, config, sink=sink))
     failure: list[BaseException] = []
@@ -228,20 +216,18 @@ def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metri
     while (item := sink.get()) is not None:
         path = item.pop(CHECKPOINT_PATH_KEY, None)
         if path is None:
-            ray.tune.report(item)
+            tune.report(item)
             continue
         with tempfile.TemporaryDirectory(prefix="capi-pointer-") as tmp:
             pointer = {"trial_id": trial_id, "run_name": config.run.name, "checkpoint": path}
             (Path(tmp) / POINTER).write_text(json.dumps(pointer))
-            ray.tune.report(item, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+            tune.report(item, checkpoint=tune.Checkpoint.from_directory(tmp))
     thread.join()
     if failure:
         raise failure[0]
 
 
 def trainable(spec: SweepSpec, state: SweepState):
-    from ray import tune
-
     setup = TrialSetup(spec=spec, state=state)
     # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
     # an empty bundle, so it asks for a token hundredth of a CPU.

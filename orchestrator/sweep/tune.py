@@ -19,18 +19,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+from ray.tune.search.optuna import OptunaSearch
+
 from capi_core.atomic import atomic_write_text
 from orchestrator import tracking as track
+from orchestrator.cluster import init_local_ray, join_cluster
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, SPEC_FILE, STATE_FILE, TRIALS_DIR, YAML_FILE, SweepError,
                                         SweepOutcome, SweepState, load_sweep_run, noise_note, sweep_dir, trial_rows)
 from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
+from orchestrator.train import TrainingError, absolute_paths, check_dataset
 
 
 def tune_domain(dist: Distribution):
     """The Ray Tune search domain of one sweep dimension."""
-    from ray import tune
-
     lo_hi = dist.args
     return {"grid": lambda: tune.grid_search(lo_hi), "choice": lambda: tune.choice(lo_hi),
             "uniform": lambda: tune.uniform(*lo_hi), "loguniform": lambda: tune.loguniform(*lo_hi),
@@ -49,12 +55,7 @@ def searcher(spec: SweepSpec, max_concurrent: int):
     next to a variant generator.
     """
     if spec.search.algorithm == "optuna":
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-
         return ConcurrencyLimiter(OptunaSearch(seed=spec.search.seed), max_concurrent=max_concurrent)
-    from ray.tune.search import BasicVariantGenerator
-
     return BasicVariantGenerator(random_state=spec.search.seed, max_concurrent=max_concurrent)
 
 
@@ -64,15 +65,11 @@ def scheduler(spec: SweepSpec):
     if sched.type == "none":
         return None
     if sched.type == "pbt":
-        from ray.tune.schedulers import PopulationBasedTraining
-
         # A mutation resamples from the dimension's distribution, or steps to a neighbouring value of a list.
         mutations = {path: spec.search_space[path].args if spec.search_space[path].kind in ("grid", "choice")
                      else tune_domain(spec.search_space[path]) for path in sched.hyperparam_mutations}
         return PopulationBasedTraining(time_attr=PROBE_EVALS, perturbation_interval=sched.perturbation_interval,
                                        hyperparam_mutations=mutations)
-    from ray.tune.schedulers import ASHAScheduler
-
     return ASHAScheduler(time_attr=PROBE_EVALS, max_t=sched.max_t or spec.reports_per_trial(),
                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
 
@@ -88,8 +85,6 @@ def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
     Trials run in Ray workers with their own working directories; base overrides pin the dataset,
     cache and output paths the driver resolved.
     """
-    from orchestrator.train import absolute_paths
-
     resolved = absolute_paths(spec.base_config).data
     data = spec.model_dump(mode="json")  # rebuilt rather than model_copy'd: base_config is cached
     if spec.base.config is not None:
@@ -102,13 +97,7 @@ def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
     return SweepSpec.model_validate(data)
 
 
-try:
-    from ray.tune import Callback as _TuneCallback
-except ImportError:  # pragma: no cover
-    _TuneCallback = object
-
-
-class SweepProgress(_TuneCallback):
+class SweepProgress(tune.Callback):
     """Prints one line per trial event and closes the MLflow runs of trials the scheduler stopped.
 
     A trial that finishes its training closes its own run; one stopped early (ASHA, time budget) is
@@ -149,10 +138,6 @@ def _trial_dirname(trial) -> str:
 
 def init_ray(spec: SweepSpec, address: str | None) -> bool:
     """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
-    import ray
-
-    from orchestrator.cluster import init_local_ray, join_cluster
-
     if ray.is_initialized():
         return False
     # A Ray job (`capi sweep submit`) runs this with RAY_ADDRESS set: join that cluster, since Ray
@@ -175,11 +160,9 @@ def init_ray(spec: SweepSpec, address: str | None) -> bool:
 
 def _reachable(uri: str) -> str:
     """``uri`` if its MLflow store answers, else SweepError before any Ray work."""
-    from orchestrator.tracking import TrackingError, check_reachable
-
     try:
-        check_reachable(uri)
-    except TrackingError as err:
+        track.check_reachable(uri)
+    except track.TrackingError as err:
         raise SweepError(str(err)) from None
     return uri
 
@@ -190,19 +173,12 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
     Creates ``<storage>/<name>`` (refusing one that exists: resume it instead), the MLflow parent
     run, and a Tuner; starts a local Ray unless one runs or ``address`` names a cluster.
     """
-    import ray
-    from ray import tune
-
-    from orchestrator.tracking import resolve_uri
-
     directory = sweep_dir(spec.storage, spec.name)
     if (directory / STATE_FILE).exists() or tune.Tuner.can_restore(str(directory)):
         raise SweepError(f"sweep {spec.name!r} already exists in {directory}; continue it with "
                          f"`capi sweep resume {spec.name}`, or remove that directory to start over")
-    uri = _reachable(resolve_uri(spec.mlflow.tracking_uri))
+    uri = _reachable(track.resolve_uri(spec.mlflow.tracking_uri))
     if address is None:  # a local cluster reads the dataset from this machine: fail here, before Ray
-        from orchestrator.train import TrainingError, check_dataset
-
         try:
             check_dataset(spec.base_config)
         except TrainingError as err:
@@ -239,9 +215,6 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
 def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> SweepOutcome:
     """Continue an interrupted sweep: unfinished and errored trials run on from their checkpoints,
     finished ones are kept. Tune's restore unpickles its state: only our own storage is read."""
-    import ray
-    from ray import tune
-
     spec, state, directory = load_sweep_run(storage, name)
     if not tune.Tuner.can_restore(str(directory)):
         raise SweepError(f"{directory} holds no Tune state to resume (the sweep stopped before its first "
