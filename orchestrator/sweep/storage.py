@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,14 +113,29 @@ def sweep_dir(storage: str | Path, name: str) -> Path:
     return Path(storage).expanduser().resolve() / name
 
 
+def trial_dirname(trial) -> str:
+    """Tune's directory of a trial in the sweep directory, ``trial_<trial id>`` (``trial_rows`` finds a
+    trial that Tune has not yet recorded by this name)."""
+    return f"trial_{trial.trial_id}"
+
+
 def trial_run_name(sweep: str, trial_id: str) -> str:
     """The Train run of a trial, ``<sweep>-<trial id>`` under ``trials/``: stable across the trial's
     restarts, so a restart resumes its run."""
     return f"{sweep}-{trial_id}"
 
 
+def save_sweep_run(directory: Path, spec: SweepSpec, state: SweepState, source: Path | None) -> None:
+    """Write what ``load_sweep_run`` reads back: the MLflow state, the validated spec and the sweep
+    file as written (``source``, if any)."""
+    state.save(directory)
+    atomic_write_text(directory / SPEC_FILE, spec.model_dump_json(indent=1))
+    if source is not None:
+        shutil.copyfile(source, directory / YAML_FILE)
+
+
 def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepState, Path]:
-    """The spec and MLflow state a sweep directory holds (written by ``run_sweep``)."""
+    """The spec and MLflow state a sweep directory holds (written by ``save_sweep_run``)."""
     directory = sweep_dir(storage, name)
     if not directory.is_dir():
         raise SweepError(f"no sweep {name!r} in {directory.parent}")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,12 +24,12 @@ from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from capi_core.atomic import atomic_write_text
 from orchestrator import tracking as track
 from orchestrator.cluster import init_local_ray, join_cluster
 from orchestrator.sweep.spec import Distribution, SweepSpec
-from orchestrator.sweep.storage import (PROBE_EVALS, SPEC_FILE, STATE_FILE, TRIALS_DIR, YAML_FILE, SweepError,
-                                        SweepOutcome, SweepState, load_sweep_run, noise_note, sweep_dir, trial_rows)
+from orchestrator.sweep.storage import (PROBE_EVALS, STATE_FILE, TRIALS_DIR, SweepError, SweepOutcome, SweepState,
+                                        load_sweep_run, noise_note, save_sweep_run, sweep_dir, trial_dirname,
+                                        trial_rows)
 from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
 from orchestrator.train import TrainingError, absolute_paths, check_dataset
 
@@ -132,10 +131,6 @@ class SweepProgress(tune.Callback):
         self._say(trial, f"failed; see {trial.path}/error.txt")
 
 
-def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
-
-
 def init_ray(spec: SweepSpec, address: str | None) -> bool:
     """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
     if ray.is_initialized():
@@ -188,10 +183,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
         directory.mkdir(parents=True, exist_ok=True)
         run_spec = portable(spec, directory)
         state = track.open_sweep_run(spec, uri, source.read_text() if source else None)
-        state.save(directory)
-        atomic_write_text(directory / SPEC_FILE, run_spec.model_dump_json(indent=1))
-        if source is not None:
-            shutil.copyfile(source, directory / YAML_FILE)
+        save_sweep_run(directory, run_spec, state, source)
         max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
         tuner = tune.Tuner(
             trainable(run_spec, state),
@@ -200,7 +192,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
                 metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
                 search_alg=searcher(spec, max_concurrent), scheduler=scheduler(spec),
                 time_budget_s=spec.budget.time_limit_s,
-                trial_dirname_creator=_trial_dirname),
+                trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(directory.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
