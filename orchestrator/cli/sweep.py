@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -91,6 +92,18 @@ _STORAGE_HELP = "where sweeps live (a sweep file's storage); default: the sweep 
 _ADDRESS_HELP = "join a running cluster: auto, or ray://HEAD:10001; default: start a local Ray"
 
 
+@contextmanager
+def _sweep_errors():
+    """A SweepError (no such sweep, nothing to resume, ...) becomes a CLI error."""
+    # deferred: torch
+    from orchestrator.sweep.storage import SweepError
+
+    try:
+        yield
+    except SweepError as err:
+        raise click.ClickException(str(err)) from None
+
+
 def _storage(storage: Path | None) -> Path:
     return storage or SweepSpec.model_fields["storage"].default
 
@@ -108,15 +121,12 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
     exports the best one and says how to open MLflow. An interrupted sweep continues with
     `capi sweep resume NAME`.
     """
-    # deferred: torch and Ray
-    from orchestrator.sweep.storage import SweepError
+    # deferred: Ray
     from orchestrator.sweep.tune import run_sweep
 
     spec = _load(file)
-    try:
+    with _sweep_errors():
         outcome = run_sweep(spec, file, address)
-    except SweepError as err:
-        raise click.ClickException(str(err)) from None
     _finish(outcome, do_export)
 
 
@@ -132,14 +142,11 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
     Ray Tune restores its state by unpickling files in <storage>/NAME: only resume sweeps from
     storage you (this tool) wrote, never a directory someone else can write to.
     """
-    # deferred: torch and Ray
-    from orchestrator.sweep.storage import SweepError
+    # deferred: Ray
     from orchestrator.sweep.tune import resume_sweep
 
-    try:
+    with _sweep_errors():
         outcome = resume_sweep(_storage(storage), name, address)
-    except SweepError as err:
-        raise click.ClickException(str(err)) from None
     _finish(outcome, do_export)
 
 
@@ -149,13 +156,11 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 def status(name: str, storage: Path | None) -> None:
     """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
     # deferred: torch and MLflow
-    from orchestrator.sweep.storage import SweepError, load_sweep_run, noise_note, trial_rows
+    from orchestrator.sweep.storage import load_sweep_run, noise_note, trial_rows
     from orchestrator.tracking import safe_uri
 
-    try:
+    with _sweep_errors():
         spec, state, directory = load_sweep_run(_storage(storage), name)
-    except SweepError as err:
-        raise click.ClickException(str(err)) from None
     rows = trial_rows(directory, spec)
     _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows, noise_note(spec))
     click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
@@ -173,14 +178,11 @@ def status(name: str, storage: Path | None) -> None:
 def report(name: str, storage: Path | None, out: Path | None, images: int, log: bool) -> None:
     """Write an HTML report of sweep NAME: metric vs parameters, learning curves, registers vs
     high-norm tokens, a table of the trials; log it to the parent MLflow run."""
-    # deferred: torch and MLflow
+    # deferred: MLflow
     from orchestrator.report import build_report
-    from orchestrator.sweep.storage import SweepError
 
-    try:
+    with _sweep_errors():
         page = build_report(_storage(storage), name, out, images=images, log=log)
-    except SweepError as err:
-        raise click.ClickException(str(err)) from None
     click.echo(f"report: {page}")
 
 
