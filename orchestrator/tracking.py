@@ -10,6 +10,10 @@ What is logged: the flattened config as params (values of secret-looking keys re
 ``checkpoint.txt`` with the final checkpoint's location (also the ``capi.checkpoint`` tag) and any
 evaluation pictures in the run directory.
 
+A sweep is a parent run (role ``sweep``: the sweep file, search space and settings, at the end the
+best trial and the trial counts) with one child run per trial, found again by its ``capi.trial_id``
+tag; every ``capi.*`` tag is named here. Every client comes from ``mlflow_client``.
+
 The store is MLflow's own choice unless told otherwise: ``--tracking-uri``, then
 ``MLFLOW_TRACKING_URI``, then MLflow 3's default ``sqlite:///mlflow.db`` in the working directory.
 """
