@@ -47,7 +47,8 @@ def _load(file: Path):
 
 
 def _print_summary(spec, file: Path) -> None:
-    # deferred: MLflow
+    # deferred: torch and MLflow
+    from orchestrator.sweep.storage import noise_note
     from orchestrator.tracking import safe_uri
 
     base = spec.base_config
@@ -81,8 +82,6 @@ def _print_summary(spec, file: Path) -> None:
     console.print(f"tracking: MLflow experiment '{spec.mlflow.experiment or spec.name}'"
                   + (f" at {safe_uri(spec.mlflow.tracking_uri)}" if spec.mlflow.tracking_uri else "")
                   + f"; trials under {spec.storage}; up to {spec.failure.max_failures} restart(s) per trial")
-    from orchestrator.sweep.tune import noise_note
-
     noise = noise_note(spec)
     if noise:
         console.print(f"probe: {noise}")
