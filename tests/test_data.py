@@ -16,8 +16,7 @@ from PIL import Image
 
 from capi_core.data import BUILTIN_DATASETS, DatasetError, load_manifest, resolve_dataset, verify_dataset
 from capi_core.data.format import MANIFEST, read_shard
-from capi_core.data.importers import FASHION_MNIST_DIR, FASHION_MNIST_FILES, import_fashion_mnist, import_idx, \
-    import_imagefolder
+from capi_core.data.importers import FASHION_MNIST_DIR, FASHION_MNIST_FILES, import_fashion_mnist, import_idx
 from synthetic import write_idx
 
 
@@ -64,7 +63,9 @@ def test_idx_round_trip_keeps_pixels_labels_and_stats(tmp_path, gz):
     assert manifest.class_names == [str(i) for i in range(labels.max() + 1)]
     np.testing.assert_allclose(manifest.mean, [images.mean() / 255], rtol=1e-12)
     np.testing.assert_allclose(manifest.std, [(images / 255).std()], rtol=1e-9)
-    assert pq.read_table(tmp_path / "ds" / manifest.shards[0].file).schema.names == ["id", "image", "label", "split"]
+    table = pq.read_table(tmp_path / "ds" / manifest.shards[0].file)
+    assert table.schema.names == ["id", "image", "label", "split", "height", "width"]
+    assert set(table.column("height").to_pylist()) == {12} and set(table.column("width").to_pylist()) == {10}
     assert verify_dataset(tmp_path / "ds") == manifest
 
 
@@ -191,7 +192,7 @@ def test_corrupt_shard_with_matching_checksum_names_the_file(small_dataset):
 
 
 def test_bad_manifest_and_unknown_dataset(small_dataset, tmp_path):
-    (small_dataset / MANIFEST).write_text('{"format_version": 1, "name": "x"}')
+    (small_dataset / MANIFEST).write_text('{"format_version": 2, "name": "x"}')
     with pytest.raises(DatasetError, match="manifest.json is not a valid manifest: class_names"):
         load_manifest(small_dataset)
     (tmp_path / "empty").mkdir()
@@ -271,99 +272,6 @@ def test_real_fashion_mnist_imports_once_under_concurrent_first_use(tmp_path, mo
     assert manifest.splits == {"train": 60000, "test": 10000}
     assert manifest.class_names[0] == "T-shirt/top" and manifest.image_size == (28, 28)
     assert manifest.mean[0] == pytest.approx(0.2860, abs=5e-5) and manifest.std[0] == pytest.approx(0.3530, abs=5e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Image folders
-
-def save(path: Path, pixels: np.ndarray, fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format=fmt)
-    return path
-
-
-def test_imagefolder_same_size_keeps_bytes_and_pixels(tmp_path):
-    rng = np.random.default_rng(0)
-    root = tmp_path / "pets"
-    pngs = {f"cat/{i}.png": rng.integers(0, 256, (9, 7, 3), dtype=np.uint8) for i in range(3)}
-    pngs |= {f"dog/sub/{i}.PNG": rng.integers(0, 256, (9, 7, 3), dtype=np.uint8) for i in range(2)}
-    for rel, pixels in pngs.items():
-        save(root / rel, pixels, "PNG")
-    jpeg = save(root / "dog/x.jpg", rng.integers(0, 256, (9, 7, 3), dtype=np.uint8), "JPEG")
-    (root / "dog/notes.txt").write_text("ignored")
-
-    manifest = import_imagefolder(root, tmp_path / "ds")
-    assert manifest.class_names == ["cat", "dog"] and manifest.splits == {"train": 6}
-    assert manifest.image_size == (9, 7) and manifest.channels == 3
-    got = {id: (pixels, label) for id, pixels, label in rows(tmp_path / "ds", "train")}
-    for rel, pixels in pngs.items():
-        np.testing.assert_array_equal(got[rel][0], pixels)
-        assert got[rel][1] == (0 if rel.startswith("cat") else 1)
-    shard = load_manifest(tmp_path / "ds").shards[0]
-    table = read_shard(tmp_path / "ds" / shard.file, shard)
-    assert table.column("image")[table.column("id").to_pylist().index("dog/x.jpg")].as_py() == jpeg.read_bytes()
-
-
-def test_imagefolder_mixed_sizes_and_modes_follow_the_policy(tmp_path):
-    rng = np.random.default_rng(1)
-    root = tmp_path / "mixed"
-    save(root / "a/wide.png", rng.integers(0, 256, (20, 40), dtype=np.uint8))  # grey
-    save(root / "a/tall.png", rng.integers(0, 256, (30, 16), dtype=np.uint8))  # grey, shorter side 16
-    save(root / "b/rgb.png", rng.integers(0, 256, (18, 18, 3), dtype=np.uint8))
-    manifest = import_imagefolder(root, tmp_path / "ds")
-    assert manifest.image_size == (16, 16) and manifest.channels == 1  # smallest shorter side; grey majority
-    got = {id: pixels for id, pixels, _ in rows(tmp_path / "ds", "train")}
-    assert all(p.shape == (16, 16) for p in got.values())
-    np.testing.assert_array_equal(got["a/tall.png"], np.asarray(Image.open(root / "a/tall.png"))[7:23])
-
-    resized = import_imagefolder(root, tmp_path / "ds8", size=8)
-    assert resized.image_size == (8, 8)
-    expected = Image.open(root / "a/wide.png").resize((16, 8), Image.Resampling.BICUBIC).crop((4, 0, 12, 8))
-    got8 = {id: pixels for id, pixels, _ in rows(tmp_path / "ds8", "train")}
-    np.testing.assert_array_equal(got8["a/wide.png"], np.asarray(expected))
-
-
-def test_imagefolder_val_fraction_is_stratified_and_seeded(tmp_path):
-    root = tmp_path / "f"
-    for cls, n in (("a", 10), ("b", 20)):
-        for i in range(n):
-            save(root / cls / f"{i}.png", np.full((4, 4), i, np.uint8))
-    m = import_imagefolder(root, tmp_path / "ds", val_fraction=0.2)
-    assert m.splits == {"train": 24, "val": 6}
-    val = rows(tmp_path / "ds", "val")
-    assert sorted(label for _, _, label in val) == [0, 0, 1, 1, 1, 1]
-    again = import_imagefolder(root, tmp_path / "ds2", val_fraction=0.2)
-    assert [r[0] for r in rows(tmp_path / "ds2", "val")] == [r[0] for r in val] and again.splits == m.splits
-    other = import_imagefolder(root, tmp_path / "ds3", val_fraction=0.2, seed=1)
-    assert [r[0] for r in rows(tmp_path / "ds3", "val")] != [r[0] for r in val] and other.splits == m.splits
-
-
-def test_imagefolder_bad_inputs_name_the_culprit(tmp_path):
-    root = tmp_path / "f"
-    root.mkdir()
-    with pytest.raises(DatasetError, match="has no class folders"):
-        import_imagefolder(root, tmp_path / "out")
-    (root / "empty_class").mkdir()
-    save(root / "ok/1.png", np.zeros((5, 5), np.uint8))
-    with pytest.raises(DatasetError, match="class folder .*empty_class has no"):
-        import_imagefolder(root, tmp_path / "out")
-    (root / "empty_class").rmdir()
-    (root / "ok/bad.png").write_bytes(b"not an image at all")
-    with pytest.raises(DatasetError, match=r"cannot read image .*ok/bad.png"):
-        import_imagefolder(root, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
-
-
-def test_imagefolder_truncated_image_leaves_no_half_written_output(tmp_path):
-    root = tmp_path / "f"
-    rng = np.random.default_rng(0)
-    for i in range(9):
-        save(root / "a" / f"{i}.png", rng.integers(0, 256, (16, 16), dtype=np.uint8))
-    data = (root / "a/8.png").read_bytes()
-    (root / "a/8.png").write_bytes(data[: len(data) // 2])  # header intact, pixels cut
-    with pytest.raises(DatasetError, match=r"cannot read image .*a/8.png"):
-        import_imagefolder(root, tmp_path / "out", shard_rows=2)
-    assert not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------------------------------

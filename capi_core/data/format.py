@@ -3,16 +3,19 @@
 A dataset is one directory::
 
     manifest.json            written last: a dataset without it does not exist
-    train-00000.parquet      one row per image: id (str), image (PNG or JPEG bytes), label (int64), split (str)
-    train-00001.parquet
+    train-00000.parquet      one row per image: id (str), image (JPEG or PNG bytes), label (int64),
+    train-00001.parquet      split (str), height and width (int32, of the stored image)
     test-00000.parquet
 
-Every image of a dataset has the same size ``(H, W)`` and ``channels`` (1 grey, 3 RGB). The manifest
-records the class names, the per-split counts, per-channel ``mean``/``std`` of the pixels on a 0-1
-scale (of the ``train`` split; of the first imported split while there is no ``train``), and per shard
-its file, split, rows, size in bytes and sha256. Shards and manifest are written to a temporary file
-in the same directory and moved into place with ``os.replace``, so a crash never leaves a manifest
-that points at a missing or partial shard.
+Every image of a dataset has the same ``channels`` (1 grey, 3 RGB). Format 2 lets images keep their
+own size and aspect ratio (an image folder's photos); ``image_size`` is their common ``(H, W)`` when
+they share one (IDX datasets) and None otherwise. Format 1 (fixed size, no height/width columns) is
+still read. The manifest records the class names, the per-split counts, per-channel ``mean``/``std``
+of the stored pixels on a 0-1 scale (of the ``train`` split; of the first imported split while there
+is no ``train``), the source files an import skipped and why, and per shard its file, split, rows,
+size in bytes and sha256. Shards and manifest are written to a temporary file in the same directory
+and moved into place with ``os.replace``, so a crash never leaves a manifest that points at a missing
+or partial shard.
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capi_core.atomic import atomic_write, atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: one image size for the whole dataset, no height/width columns
 MANIFEST = "manifest.json"
 SHARD_ROWS = 4096  # a few MB of 28x28 PNGs; about 300 MB of 224x224 ones
-SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("split", pa.string())])
+SCHEMA = pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int64()), ("split", pa.string()),
+                    ("height", pa.int32()), ("width", pa.int32())])
 # Encoded images do not compress further; the small columns do.
-_COMPRESSION = {"id": "zstd", "image": "none", "label": "zstd", "split": "zstd"}
+_COMPRESSION = {"id": "zstd", "image": "none", "label": "zstd", "split": "zstd", "height": "zstd", "width": "zstd"}
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -54,19 +59,29 @@ class ShardInfo(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class Skipped(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(description="path relative to the imported folder")
+    reason: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format_version: int
     name: str
     class_names: list[str]
-    image_size: tuple[int, int] = Field(description="(H, W) of every image")
+    image_size: tuple[int, int] | None = Field(description="(H, W) shared by every image; None: sizes vary")
     channels: int = Field(description="1 (grey) or 3 (RGB)")
     mean: list[float] = Field(description="per channel, 0-1 scale")
     std: list[float]
     stats_split: str = Field(description="the split mean and std were computed on")
     splits: dict[str, int] = Field(description="images per split")
     shards: list[ShardInfo]
+    max_short_side: int | None = Field(None, description="images whose shorter side was longer were resized to it")
+    encodings: dict[str, int] = Field(default_factory=dict, description="stored images by how they were stored")
+    skipped: list[Skipped] = Field(default_factory=list, description="source files left out, with the reason")
 
     def split_shards(self, split: str) -> list[ShardInfo]:
         """The shards of ``split`` in order; their rows concatenated are the split's sample indices."""
@@ -100,8 +115,11 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
     except ValidationError as err:
         fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         raise DatasetError(f"{path} is not a valid manifest: {fields}") from None
-    if manifest.format_version != FORMAT_VERSION:
-        raise DatasetError(f"{path} has format version {manifest.format_version}; this code reads {FORMAT_VERSION}")
+    if manifest.format_version not in READABLE_VERSIONS:
+        raise DatasetError(f"{path} has format version {manifest.format_version}; this code reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if manifest.format_version == 1 and manifest.image_size is None:
+        raise DatasetError(f"{path} is a format-1 manifest without an image_size")
     for shard in manifest.shards:
         file = dataset_dir / shard.file
         if not file.is_file():
@@ -202,23 +220,38 @@ class SplitWriter:
         self.dataset_dir, self.split, self.shard_rows = dataset_dir, check_split_name(split), shard_rows
         self.shards: list[ShardInfo] = []
         self.count = 0
-        self._rows: dict[str, list] = {"id": [], "image": [], "label": []}
+        self._rows = ShardRows()
 
-    def add(self, id: str, image: bytes, label: int) -> None:
-        self._rows["id"].append(id)
-        self._rows["image"].append(image)
-        self._rows["label"].append(int(label))
+    def add(self, id: str, image: bytes, label: int, height: int, width: int) -> None:
+        self._rows.add(id, image, label, height, width)
         self.count += 1
-        if len(self._rows["id"]) >= self.shard_rows:
+        if len(self._rows) >= self.shard_rows:
             self.flush()
 
     def flush(self) -> None:
-        n = len(self._rows["id"])
-        if n == 0:
+        if len(self._rows) == 0:
             return
-        table = pa.table({**self._rows, "split": [self.split] * n}, schema=SCHEMA)
         path = self.dataset_dir / f"{self.split}-{len(self.shards):05d}.parquet"
+        self.shards.append(self._rows.write(path, self.split))
+        self._rows = ShardRows()
+
+
+class ShardRows:
+    """The rows of one shard being built; ``write`` stores them atomically and describes the file."""
+
+    def __init__(self):
+        self.columns: dict[str, list] = {"id": [], "image": [], "label": [], "height": [], "width": []}
+
+    def __len__(self) -> int:
+        return len(self.columns["id"])
+
+    def add(self, id: str, image: bytes, label: int, height: int, width: int) -> None:
+        for key, value in (("id", id), ("image", image), ("label", int(label)), ("height", int(height)),
+                           ("width", int(width))):
+            self.columns[key].append(value)
+
+    def write(self, path: Path, split: str) -> ShardInfo:
+        table = pa.table({**self.columns, "split": [split] * len(self)}, schema=SCHEMA)
         atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression=_COMPRESSION))
-        self.shards.append(ShardInfo(file=path.name, split=self.split, rows=n, bytes=path.stat().st_size,
-                                     sha256=sha256_file(path)))
-        self._rows = {"id": [], "image": [], "label": []}
+        return ShardInfo(file=path.name, split=split, rows=len(self), bytes=path.stat().st_size,
+                         sha256=sha256_file(path))

@@ -1,8 +1,10 @@
-"""Importers into CAPI's Parquet format (``format.py``): IDX pairs, Fashion-MNIST, image folders.
+"""Importers into CAPI's Parquet format (``format.py``): IDX pairs and Fashion-MNIST (image folders:
+``imagefolder.py``).
 
 Each importer reads its source, then writes shards split by split and the manifest last. On any
 failure it removes the shards it wrote (and the output directory if it created it), so a failed
 import leaves the output as it found it. ``progress(stage, done, total)`` is an optional callback.
+Images are stored as lossless PNG: IDX datasets are small and exact pixels matter more than speed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from capi_core.data.format import (FORMAT_VERSION, MANIFEST, SHARD_ROWS, DatasetError, Manifest, PixelStats,
                                    SplitWriter, check_split_name, encode_png, load_manifest, write_manifest)
@@ -35,7 +36,6 @@ FASHION_MNIST_FILES = {
     ("test", "images"): ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
     ("test", "labels"): ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -54,6 +54,9 @@ def write_dataset(out: Path, name: str, class_names: list[str], image_size: tupl
     if old is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DatasetError(f"output {out} exists and is neither an empty directory nor a dataset")
     if old is not None:
+        if old.format_version != FORMAT_VERSION:
+            raise DatasetError(f"cannot add to {out}: it is in format {old.format_version}, this code writes "
+                               f"{FORMAT_VERSION}; import all its splits into a new --out")
         for field, new in (("image_size", tuple(image_size)), ("channels", channels), ("class_names", class_names)):
             if getattr(old, field) != new:
                 raise DatasetError(f"cannot add to {out}: its {field} is {getattr(old, field)}, "
@@ -73,7 +76,7 @@ def write_dataset(out: Path, name: str, class_names: list[str], image_size: tupl
             for id, data, label, pixels in records:
                 if pixels.shape != (*image_size, channels):
                     raise DatasetError(f"image {id} has shape {pixels.shape}, expected {(*image_size, channels)}")
-                writer.add(id, data, label)
+                writer.add(id, data, label, *image_size)
                 stats[split].add(pixels)
                 if progress and writer.count % 512 == 0:
                     progress(split, writer.count, total)
@@ -208,98 +211,3 @@ def import_fashion_mnist(out: str | Path, source: str | Path | None = None, shar
                                      found[split, "images"], found[split, "labels"])
         splits[split] = (len(images), _array_records(split, images, labels))
     return write_dataset(Path(out), "fashion-mnist", FASHION_MNIST_CLASSES, (28, 28), 1, splits, shard_rows, progress)
-
-
-# --------------------------------------------------------------------------------------------------
-# Image folders: ROOT/<class>/**/*.{jpg,jpeg,png}
-
-def _open_image(path: Path):
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"cannot read image {path}: {err}") from None
-    return image
-
-
-def _resize_center_crop(image, size: int):
-    """Shorter side to ``size`` (bicubic, antialiased), then the central ``size`` x ``size`` square."""
-    w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def import_imagefolder(root: str | Path, out: str | Path, size: int | None = None, val_fraction: float = 0.0,
-                       seed: int = 0, shard_rows: int = SHARD_ROWS, progress: Progress | None = None) -> Manifest:
-    """Import a class-per-folder tree of JPEG/PNG images into splits ``train`` (and ``val``).
-
-    Policies (every image of a dataset has one size and one mode):
-
-    - Mode: grey if most images are grey (modes L, LA, I, I;16, 1, F), otherwise RGB; every image is
-      converted to it (alpha is dropped).
-    - Size: if ``size`` is None and every image has the same size, images keep it, and their original
-      bytes are stored when they already have the dataset's mode. Otherwise each image's shorter side
-      is resized to ``size`` (bicubic, antialiased) and the central square cropped; ``size`` defaults to
-      the smallest shorter side, so nothing is upscaled. Resized or converted images are stored as PNG.
-    - ``val_fraction`` of each class (seeded by ``seed``) becomes split ``val``.
-    """
-    root, out = Path(root), Path(out)
-    if not root.is_dir():
-        raise DatasetError(f"image folder {root} does not exist")
-    if not 0.0 <= val_fraction < 1.0:
-        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    class_names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_names:
-        raise DatasetError(f"{root} has no class folders (expected one sub-folder of images per class)")
-    files: list[tuple[Path, int]] = []
-    for label, cls in enumerate(class_names):
-        found = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not found:
-            raise DatasetError(f"class folder {root / cls} has no {'/'.join(IMAGE_SUFFIXES)} images")
-        files += [(p, label) for p in found]
-
-    # Pass 1: headers only, to choose the mode and size.
-    sizes, grey = [], 0
-    for i, (path, _) in enumerate(files):
-        try:
-            with Image.open(path) as image:
-                sizes.append(image.size)
-                grey += image.mode in ("L", "LA", "I", "I;16", "1", "F")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise DatasetError(f"cannot read image {path}: {err}") from None
-        if progress and (i % 512 == 0 or i == len(files) - 1):
-            progress("scan", i + 1, len(files))
-    mode, channels = ("L", 1) if grey > len(files) - grey else ("RGB", 3)
-    if size is None and len(set(sizes)) == 1:
-        target, (w, h) = None, sizes[0]
-    else:
-        target = size or min(min(s) for s in sizes)
-        w = h = target
-
-    labels = np.array([label for _, label in files])
-    is_val = np.zeros(len(files), bool)
-    rng = np.random.default_rng(seed)
-    for label in range(len(class_names)):
-        idx = rng.permutation(np.flatnonzero(labels == label))
-        is_val[idx[: round(val_fraction * len(idx))]] = True
-
-    def records(selected: np.ndarray) -> Iterator[Record]:
-        for i in selected:
-            path, label = files[i]
-            image = _open_image(path)
-            keep = target is None and image.mode == mode and image.format in ("JPEG", "PNG")
-            image = image.convert(mode) if image.mode != mode else image
-            if target is not None:
-                image = _resize_center_crop(image, target)
-            pixels = np.asarray(image).reshape(h, w, channels)
-            data = path.read_bytes() if keep else encode_png(np.asarray(image))
-            yield path.relative_to(root).as_posix(), data, label, pixels
-
-    splits = {"train": np.flatnonzero(~is_val)}
-    if is_val.any():
-        splits["val"] = np.flatnonzero(is_val)
-    return write_dataset(out, root.name, class_names, (h, w), channels,
-                         {s: (len(sel), records(sel)) for s, sel in splits.items()}, shard_rows, progress)

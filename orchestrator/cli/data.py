@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
 @click.group()
@@ -17,24 +18,61 @@ def data() -> None:
 
 @contextmanager
 def _errors_and_progress():
-    """Yield a ``progress(stage, done, total)`` callback drawing rich bars; dataset errors become CLI errors."""
+    """Yield a ``progress(stage, done, total)`` callback; dataset errors become CLI errors.
+
+    On a terminal it draws rich bars with the rate and the time left; otherwise (a batch job's log) it
+    prints a line with the same figures every ``LOG_EVERY_S`` seconds and when a stage ends.
+    """
     # deferred: pyarrow
     from capi_core.data import DatasetError
 
-    bars = Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    disable=not sys.stderr.isatty())
+    tty = sys.stderr.isatty()
+    bars = Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+                    TimeElapsedColumn(), disable=not tty)
     tasks: dict[str, int] = {}
+    rates: dict[str, _Rate] = {}
 
     def progress(stage: str, done: int, total: int) -> None:
+        rate = rates.setdefault(stage, _Rate(done))
+        line = rate.update(done, total)
         if stage not in tasks:
-            tasks[stage] = bars.add_task(stage, total=total)
-        bars.update(tasks[stage], completed=done)
+            tasks[stage] = bars.add_task(stage, total=total, completed=done, rate="")
+        bars.update(tasks[stage], completed=done, rate=f"{rate.per_s:,.0f} img/s" if rate.per_s else "")
+        if not tty and line:
+            click.echo(f"{stage}: {line}", err=True)
 
     try:
         with bars:
             yield progress
     except DatasetError as err:
         raise click.ClickException(str(err)) from None
+
+
+class _Rate:
+    """Images per second since a stage started (a resumed import's finished part left out), and the time
+    left at that rate; ``update`` returns a log line when one is due."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, start: int):
+        self.start, self.t0 = start, time.monotonic()
+        self.per_s, self.logged = 0.0, self.t0
+
+    def update(self, done: int, total: int) -> str | None:
+        now = time.monotonic()
+        self.per_s = (done - self.start) / (now - self.t0) if now > self.t0 and done > self.start else 0.0
+        if done < total and now - self.logged < self.LOG_EVERY_S:
+            return None
+        self.logged = now
+        left = f", ETA {_duration((total - done) / self.per_s)}" if self.per_s and done < total else ""
+        return f"{done:,}/{total:,} images ({done / max(total, 1):.1%}), {self.per_s:,.0f} img/s{left}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
 
 
 def _given(**kwargs):
@@ -49,15 +87,26 @@ def _floats(values: list[float]) -> str:
 def _summary(dataset_dir: Path, manifest) -> str:
     shards = {split: sum(s.split == split for s in manifest.shards) for split in manifest.splits}
     size = sum(s.bytes for s in manifest.shards)
-    h, w = manifest.image_size
-    return "\n".join([
+    if manifest.image_size is not None:
+        images = f"{manifest.image_size[0]}x{manifest.image_size[1]}"
+    else:
+        images = "own sizes" + (f" (shorter side at most {manifest.max_short_side})" if manifest.max_short_side
+                                else "")
+    classes = manifest.class_names
+    lines = [
         f"{manifest.name}  {dataset_dir}",
-        f"  images    {h}x{w}, {manifest.channels} channel(s), format version {manifest.format_version}",
-        f"  classes   {len(manifest.class_names)}: {', '.join(manifest.class_names)}",
+        f"  images    {images}, {manifest.channels} channel(s), format version {manifest.format_version}",
+        f"  classes   {len(classes)}: {', '.join(classes[:20])}" + (" ..." if len(classes) > 20 else ""),
         "  splits    " + ", ".join(f"{s} {n:,} ({shards[s]} shards)" for s, n in manifest.splits.items()),
         f"  mean/std  {_floats(manifest.mean)} / {_floats(manifest.std)} (on {manifest.stats_split})",
         f"  size      {size / 1e6:.1f} MB",
-    ])
+    ]
+    if manifest.encodings:
+        lines.append("  stored    " + ", ".join(f"{k} {v:,}" for k, v in sorted(manifest.encodings.items())))
+    if manifest.skipped:
+        lines.append(f"  skipped   {len(manifest.skipped):,} unreadable files (listed in the manifest), e.g. "
+                     f"{manifest.skipped[0].file}: {manifest.skipped[0].reason}")
+    return "\n".join(lines)
 
 
 @data.group("import")
@@ -113,22 +162,48 @@ def idx(images, labels, out, split, name, shard_rows) -> None:
 
 @import_.command("imagefolder")
 @click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Dataset directory.")
-@click.option("--size", type=click.IntRange(min=1),
-              help="Resize the shorter side to N and centre-crop NxN [default: keep the images if they all have "
-                   "one size, else N = the smallest shorter side].")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Dataset directory: new, or an interrupted import of the same folder and options to resume.")
+@click.option("--max-short-side", type=click.IntRange(min=1), metavar="N",
+              help="Shrink images whose shorter side is longer than N so that it is N, keeping the aspect "
+                   "ratio (e.g. 256 or 512) [default: keep every image's size].")
+@click.option("--quality", type=click.IntRange(1, 100), help="JPEG quality of re-encoded images [default: 90].")
+@click.option("--lossless", is_flag=True, default=None,
+              help="Keep PNG sources (or store them as PNG when they change) instead of re-encoding them as JPEG.")
+@click.option("--mode", type=click.Choice(["auto", "rgb", "grey"]),
+              help="Channels [default: auto, grey if most images are grey, else RGB].")
 @click.option("--val-fraction", type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of each class held out as split 'val' [default: 0].")
-@click.option("--seed", type=int, help="Seed of the val split.")
-@click.option("--shard-rows", type=click.IntRange(min=1), help="Images per Parquet shard.")
-def imagefolder(root, out, size, val_fraction, seed, shard_rows) -> None:
-    """A class-per-folder tree ROOT/<class>/*.{jpg,jpeg,png}; mixed grey/RGB becomes the majority mode."""
-    # deferred: pyarrow
-    from capi_core.data.importers import import_imagefolder
+@click.option("--seed", type=int, help="Seed of the val split and of the shard assignment.")
+@click.option("--shard-rows", type=click.IntRange(min=1), help="Images per Parquet shard, on average [default: 1024].")
+@click.option("--on-error", type=click.Choice(["stop", "skip"]),
+              help="An unreadable image stops the import, naming it (resume after fixing it), or is skipped and "
+                   "listed in the manifest [default: stop].")
+@click.option("--workers", type=click.IntRange(min=1), help="Processes on this machine [default: every core].")
+@click.option("--address", metavar="ADDR",
+              help="Run the shards as Ray tasks on the cluster at ADDR (e.g. 'auto' or ray://head:10001); ROOT and "
+                   "--out must be the same paths on every node.")
+def imagefolder(root, out, max_short_side, quality, lossless, mode, val_fraction, seed, shard_rows, on_error, workers,
+                address) -> None:
+    """A class-per-folder tree ROOT/<class>/**/*.{jpg,jpeg,png}, on all cores, resumable.
 
+    JPEGs that need no change are stored as they are, everything else as JPEG; images keep their
+    aspect ratio (the training crops see the whole image). Run the same command again to resume an
+    interrupted import: finished shards are kept.
+    """
+    # deferred: pyarrow and torch
+    from capi_core.data.imagefolder import import_imagefolder
+
+    runner = None
+    if address is not None:
+        # deferred: Ray
+        from orchestrator.data_import import ray_runner
+
+        runner = ray_runner(address)
     with _errors_and_progress() as progress:
-        manifest = import_imagefolder(root, out, progress=progress, **_given(size=size, val_fraction=val_fraction,
-                                                                             seed=seed, shard_rows=shard_rows))
+        manifest = import_imagefolder(root, out, progress=progress, runner=runner, **_given(
+            max_short_side=max_short_side, quality=quality, lossless=lossless, mode=mode, val_fraction=val_fraction,
+            seed=seed, shard_rows=shard_rows, on_error=on_error, workers=workers))
     click.echo(_summary(out, manifest))
 
 
