@@ -158,6 +158,10 @@ class DataConfig(_Strict):
     crop_scale: tuple[float, float] = (0.6, 1.0)
     hflip: bool = True
     loader_workers: int = Field(1, ge=0, description="decode/augment processes per training process")
+    decode: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where images are decoded: loader processes (cpu), or the training GPU with nvJPEG "
+                            "(cuda); auto: cuda when training on CUDA"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

@@ -246,7 +246,8 @@ class Trainer:
         dataset_dir = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
         per_rank_batch = self.micro_batch * cfg.optim.grad_accumulation
         batches = train_batches(cfg.data, cfg.model.img_size, per_rank_batch, rank=self.rank,
-                                world_size=self.world_size, seed=cfg.run.seed, start_step=self.step)
+                                world_size=self.world_size, seed=cfg.run.seed, start_step=self.step,
+                                device=self.device)
         for cb in self.callbacks:
             cb.on_start(self)
         # On CPU a finiteness check is free; on GPU it is a host sync, so check only at log steps.

@@ -14,11 +14,15 @@ from capi_core.data.format import ShardInfo
 from capi_core.data.imagefolder import import_imagefolder
 from capi_core.data.importers import import_idx
 from capi_core.data.reader import (
+    EncodedBatch,
+    TrainBatches,
+    crop,
+    crop_batch,
     crop_boxes,
     decode_augment,
+    decode_on_device,
     epoch_order,
     load_split,
-    resized_crops,
     sample_uniforms,
     shard_paths,
     train_batches,
@@ -143,18 +147,46 @@ def test_sample_uniforms_depend_on_every_key():
         assert (other != base).mean() > 0.99
 
 
-@pytest.mark.parametrize("height,width,size", [(16, 16, 24), (40, 30, 12), (20, 20, 20)])
-def test_resized_crops_match_pil_bicubic(height, width, size):
-    rng = np.random.default_rng(0)
-    images = rng.random((3, 1, height, width)).astype(np.float32) * 255
-    boxes = np.array([[0, 0, height, width], [2.0, 3.0, height - 5, width - 4], [1.0, 0.0, height // 2, width // 3]])
-    out = resized_crops(torch.from_numpy(images), torch.from_numpy(boxes), size)
-    for b, (top, left, h, w) in enumerate(boxes):
-        expected = Image.fromarray(images[b, 0], mode="F").resize(
-            (size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-        np.testing.assert_allclose(out[b, 0].numpy(), np.clip(np.asarray(expected), 0, 255), atol=0.05)
-    flipped = resized_crops(torch.from_numpy(images), torch.from_numpy(boxes), size, flip=torch.tensor([1, 0, 1]) > 0)
-    assert torch.equal(flipped[0], out[0].flip(-1)) and torch.equal(flipped[1], out[1])
+def smooth_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A photo-like uint8 RGB image: a few random low-frequency waves (no noise for bicubic to overshoot)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width] / max(height, width)
+    waves = sum(np.sin(2 * np.pi * (rng.uniform(0, 4) * yy + rng.uniform(0, 4) * xx) + rng.uniform(0, 6))[..., None]
+                * rng.uniform(-40, 40, 3) for _ in range(4))
+    return np.clip(128 + waves, 0, 255).astype(np.uint8)
+
+
+def encoded(pixels: np.ndarray, fmt: str, **kwargs) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("height,width,box,size", [(30, 40, (0, 0, 30, 40), 24), (40, 30, (2, 3, 35, 20), 12),
+                                                   (20, 20, (5, 1, 10, 12), 20), (18, 27, (0, 0, 18, 27), 64)])
+def test_crops_match_pil_bicubic_of_the_cropped_image(height, width, box, size):
+    """torchvision's RandomResizedCrop on a PIL image: crop, then resize bicubic (PIL's antialiased kernel)."""
+    pixels = smooth_image(height, width)
+    top, left, h, w = box
+    expected = np.asarray(Image.fromarray(pixels).crop((left, top, left + w, top + h)).resize(
+        (size, size), Image.Resampling.BICUBIC)).astype(int)
+    got = crop(encoded(pixels, "PNG"), box, size, 3).permute(1, 2, 0).numpy().astype(int)
+    assert got.shape == (size, size, 3) and np.abs(got - expected).max() <= 2
+
+
+def test_large_jpeg_crops_decode_at_a_reduced_scale_close_to_the_full_decode():
+    pixels = smooth_image(600, 800, seed=1)
+    blob = encoded(pixels, "JPEG", quality=95)
+    box = (50, 100, 480, 600)  # >= 4x the output in both directions: decoded at 1/4
+    full = np.asarray(Image.open(__import__("io").BytesIO(blob)).crop((100, 50, 700, 530)).resize(
+        (112, 112), Image.Resampling.BICUBIC)).astype(float)
+    got = crop(blob, box, 112, 3).permute(1, 2, 0).numpy().astype(float)
+    assert np.abs(got - full).mean() < 1.5 and np.abs(got - full).max() < 12
+    from capi_core.data.images import reduction
+
+    assert reduction(480, 600, 112, 112) == 4 and reduction(200, 600, 112, 112) == 1
 
 
 def test_decode_augment_is_a_pure_function(numbered):
@@ -230,3 +262,86 @@ def test_damaged_shard_stops_training_with_its_name(numbered, tmp_path):
         take(cfg_for(dataset), 2, img_size=12, batch_size=N)
     with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
         train_batches(cfg_for(dataset), 12, 4, rank=2, world_size=2)
+
+
+# ------------------------------------------------------------------------------- images of their own sizes
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """An image folder of JPEGs of three sizes (landscape, portrait, square), imported as they are."""
+    tmp = tmp_path_factory.mktemp("photos")
+    sizes = [(30, 40), (40, 30), (36, 36)]
+    for i in range(12):
+        path = tmp / "f" / f"c{i % 2}" / f"{i}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(smooth_image(*sizes[i % 3], seed=i)).save(path, quality=95)
+    import_imagefolder(tmp / "f", tmp / "ds", workers=1)
+    return tmp / "ds"
+
+
+def test_crops_are_cut_from_the_whole_stored_image(tmp_path):
+    """A 4:3 image at crop scale (1, 1): no draw fits, and torchvision's fallback is the whole image, both
+    halves of it, not a centre square."""
+    pixels = np.zeros((30, 40, 3), np.uint8)
+    pixels[:, 20:] = 255
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "f" / "a" / "0.png")
+    import_imagefolder(tmp_path / "f", tmp_path / "ds", lossless=True, workers=1)
+    manifest = load_manifest(tmp_path / "ds")
+    assert manifest.image_size == (30, 40)
+    x, _ = take(cfg_for(tmp_path / "ds", crop_scale=(1.0, 1.0), hflip=False), 1, img_size=16, batch_size=2)
+    raw = x[0, 0, 0] * manifest.std[0] + manifest.mean[0]  # first channel, back on the 0-1 scale
+    assert (raw[:, :7] < 0.01).all() and (raw[:, -7:] > 0.99).all()
+
+
+def test_images_of_several_sizes_make_batches_of_one_size(photos):
+    x, y = take(cfg_for(photos), 3, img_size=24, batch_size=8)
+    assert x.shape == (3, 8, 3, 24, 24) and x.dtype == torch.float32 and torch.isfinite(x).all()
+    x2, y2 = take(cfg_for(photos, loader_workers=2), 3, img_size=24, batch_size=8)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    evaluation, labels = load_split(photos, "train", 20)
+    assert evaluation.shape == (12, 3, 20, 20) and sorted(labels.tolist()) == [0] * 6 + [1] * 6
+
+
+def test_decoding_in_the_training_process_gives_the_loader_processes_batches(photos):
+    """The ``decode="cuda"`` path (loader processes hand over bytes and boxes; the training process decodes
+    the batch with decode_jpeg and crops on its device), run on the CPU: the same batches, through
+    loader processes too. (At 24 px no crop is twice the output, so the loader processes decode at full
+    scale as the device path always does.)"""
+    cfg = cfg_for(photos, crop_scale=(0.3, 1.0))
+    kwargs = dict(dataset_dir=photos, cfg=cfg, img_size=24, batch_size=8, rank=0, world_size=1, seed=3)
+    host = TrainBatches(**kwargs)
+    loader = torch.utils.data.DataLoader(TrainBatches(**kwargs, encoded=True), batch_size=None, num_workers=2,
+                                         sampler=range(3))
+    for step, batch in enumerate(loader):
+        assert isinstance(batch, EncodedBatch)
+        x, labels = host[step]
+        assert torch.equal(decode_on_device(batch, 24, 3, torch.device("cpu")), x)
+        assert torch.equal(batch.labels, labels)
+    with pytest.raises(ValueError, match="data.decode 'cuda' needs training on a CUDA device"):
+        train_batches(cfg_for(photos, decode="cuda"), 16, 4)
+
+
+def test_format_1_datasets_still_read(tmp_path):
+    """A dataset written before images kept their own sizes: no height/width columns, one image_size."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 10, 10), dtype=np.uint8)
+    blobs = [encoded(p, "PNG") for p in pixels]
+    table = pa.table({"id": [str(i) for i in range(6)], "image": blobs, "label": list(range(6)), "split": ["train"] * 6})
+    (tmp_path / "old").mkdir()
+    pq.write_table(table, tmp_path / "old" / "train-00000.parquet")
+    data = (tmp_path / "old" / "train-00000.parquet").read_bytes()
+    manifest = {"format_version": 1, "name": "old", "class_names": [str(i) for i in range(6)], "image_size": [10, 10],
+                "channels": 1, "mean": [0.5], "std": [0.25], "stats_split": "train", "splits": {"train": 6},
+                "shards": [{"file": "train-00000.parquet", "split": "train", "rows": 6, "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()}]}
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    x, y = load_split(tmp_path / "old", "train", 10)
+    torch.testing.assert_close(x[:, 0], (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.25)
+    batches, _ = take(cfg_for(tmp_path / "old"), 2, img_size=8, batch_size=3)
+    assert batches.shape == (2, 3, 1, 8, 8)

@@ -34,7 +34,7 @@ def is_jpeg(blob: bytes) -> bool:
     return blob[:2] == JPEG_MAGIC
 
 
-def _read_mode(channels: int):
+def read_mode(channels: int):
     from torchvision.io import ImageReadMode
 
     return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
@@ -49,9 +49,9 @@ def decode(blob: bytes, channels: int) -> Tensor:
 
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     if is_jpeg(blob):
-        return decode_jpeg(data, mode=_read_mode(channels))
+        return decode_jpeg(data, mode=read_mode(channels))
     if blob[:4] == PNG_MAGIC:
-        return decode_png(data, mode=_read_mode(channels))
+        return decode_png(data, mode=read_mode(channels))
     return pil_to_tensor(pil_open(blob), channels)
 
 

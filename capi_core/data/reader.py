@@ -8,31 +8,40 @@ Training order and augmentation are pure functions of ``(seed, epoch, sample ind
 - Ranks: rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of each epoch's order, so the ranks'
   shares are disjoint and together complete. Each rank reads its shares of epoch 0, 1, ... as one
   stream and batch ``s`` is positions ``[s*B, (s+1)*B)`` of it (a batch may straddle two epochs).
-- Augmentation: RandomResizedCrop(scale=cfg.crop_scale, ratio=(3/4, 4/3)) with torchvision's
-  10-attempt rule, then a horizontal flip with probability 0.5; the random numbers of a sample come
-  from a counter-based hash of (seed, epoch, index). Crops are resized for a whole batch at once by
-  separable bicubic (a=-0.5, antialiased when shrinking) resampling matrices: ``Wy @ x @ Wx^T``.
+- Augmentation: RandomResizedCrop(scale=cfg.crop_scale, ratio=(3/4, 4/3)) of the whole stored image
+  (stored images keep their aspect ratio), with torchvision's 10-attempt rule, then a horizontal flip
+  with probability 0.5; the random numbers of a sample come from a counter-based hash of (seed,
+  epoch, index). Each crop is cut from its decoded image and resized on its own (antialiased bicubic,
+  rounded to uint8), as torchvision does on PIL images. A JPEG whose crop is at least twice the output
+  size in both directions is decoded at a reduced DCT scale first (``images.decode_reduced``, the box
+  scaled with it), which is much cheaper for large stored images.
+- Where decoding runs (``DataConfig.decode``): ``"cpu"``, in the loader processes; ``"cuda"``, the
+  loader processes only read the bytes and draw the boxes, and the training process decodes the whole
+  batch with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and crops on the GPU; ``"auto"``
+  is ``"cuda"`` when training on a CUDA device. The decoder is part of the function: CPU and GPU
+  decoding of a JPEG differ by IDCT rounding, so a run resumes exactly under the same ``decode``.
+- Batches travel as uint8 and are normalised (``(x / 255 - mean) / std``, float32) on the training
+  device, a quarter of the bytes of float32 batches between processes and to the GPU.
 
 So batch ``s`` is the same whatever the number of loader processes, and ``start_step=s`` resumes exactly.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from capi_core.config import DataConfig
-from capi_core.data import resolve_dataset
-from capi_core.data.format import ShardInfo, load_manifest, read_shard
+from capi_core.data import images, resolve_dataset
+from capi_core.data.format import Manifest, ShardInfo, load_manifest, read_shard
 
 RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before falling back to a centre crop
@@ -64,18 +73,21 @@ def sample_uniforms(seed: int, epoch: np.ndarray, index: np.ndarray, n: int) -> 
     return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, float],
+def crop_boxes(u: np.ndarray, height, width, scale: tuple[float, float],
                ratio: tuple[float, float] = RATIO) -> np.ndarray:
     """RandomResizedCrop boxes ``[B, 4]`` (top, left, h, w) from uniforms ``u`` ``[B, 4 * ATTEMPTS]``.
 
-    torchvision's rule, vectorised: the first of 10 (area, aspect) draws that fits, else a centre crop.
+    ``height`` and ``width`` are each image's (``[B]``) or one for all. torchvision's rule,
+    vectorised: the first of 10 (area, aspect) draws that fits, else a centre crop.
     """
     u = u.reshape(len(u), ATTEMPTS, 4)
-    area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    height = np.broadcast_to(np.asarray(height, np.float64), (len(u),))
+    width = np.broadcast_to(np.asarray(width, np.float64), (len(u),))
+    area = (height * width)[:, None] * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
     aspect = np.exp(math.log(ratio[0]) + u[..., 1] * (math.log(ratio[1]) - math.log(ratio[0])))
     w = np.round(np.sqrt(area * aspect))
     h = np.round(np.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first = fits.argmax(1)
     pick = np.arange(len(u)), first
     h, w = h[pick], w[pick]
@@ -84,84 +96,141 @@ def crop_boxes(u: np.ndarray, height: int, width: int, scale: tuple[float, float
     boxes = np.stack([top, left, h, w], 1)
     # Fallback: the largest centred box whose aspect is clamped into ``ratio``.
     in_ratio = width / height
-    cw, ch = (width, round(width / ratio[0])) if in_ratio < ratio[0] else \
-        (round(height * ratio[1]), height) if in_ratio > ratio[1] else (width, height)
-    boxes[~fits.any(1)] = [(height - ch) // 2, (width - cw) // 2, ch, cw]
-    return boxes
+    cw = np.where(in_ratio < ratio[0], width, np.where(in_ratio > ratio[1], np.round(height * ratio[1]), width))
+    ch = np.where(in_ratio < ratio[0], np.round(width / ratio[0]), height)
+    centre = np.stack([(height - ch) // 2, (width - cw) // 2, ch, cw], 1)
+    return np.where(fits.any(1)[:, None], boxes, centre).astype(np.int64)
 
 
-def _cubic(t: Tensor, a: float = -0.5) -> Tensor:
-    """Keys' bicubic kernel (a=-0.5, as PIL)."""
-    t = t.abs()
-    near = ((a + 2) * t - (a + 3)) * t * t + 1
-    far = a * (((t - 5) * t + 8) * t - 4)
-    return torch.where(t < 1, near, torch.where(t < 2, far, torch.zeros(())))
+def centre_boxes(height, width) -> np.ndarray:
+    """The central square of each image, its side the shorter side: ``[B, 4]`` (top, left, h, w)."""
+    height, width = np.asarray(height, np.int64), np.asarray(width, np.int64)
+    side = np.minimum(height, width)
+    return np.stack([(height - side) // 2, (width - side) // 2, side, side], 1)
 
 
-def resample_weights(start: Tensor, length: Tensor, n_in: int, size: int) -> Tensor:
-    """Rows that resample the span ``[start, start + length)`` ``[B]`` of an ``n_in`` axis to ``size`` pixels.
-
-    Returns ``[B, size, n_in]``. Pixel k covers [k, k + 1). As in PIL, the kernel widens by the shrink
-    factor (antialiasing) and taps outside the axis are dropped and the rest renormalised. Only the
-    kernel's taps are evaluated (``[B, size, taps]``), then scattered into the dense rows.
-    """
-    scale = length / size
-    stretch = scale.clamp(min=1.0)
-    taps = 2 * math.ceil(2 * float(stretch.max())) + 1
-    centre = start[:, None] + (torch.arange(size) + 0.5) * scale[:, None]  # [B, size]
-    index = (centre - 2 * stretch[:, None]).floor()[:, :, None] + torch.arange(taps)  # [B, size, taps]
-    weights = _cubic((index + 0.5 - centre[:, :, None]) / stretch[:, None, None]) * ((index >= 0) & (index < n_in))
-    weights = weights / weights.sum(-1, keepdim=True)
-    rows = torch.zeros(len(start), size, n_in)
-    return rows.scatter_add_(2, index.clamp(0, n_in - 1).long(), weights)
+def decode_box(blob: bytes, box: Sequence[int], size: int, channels: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """``blob`` decoded, and ``box`` (top, left, h, w) in the decoded pixels: a JPEG is decoded at the
+    largest DCT reduction that keeps the box at least ``size`` on each side, the box scaled with it."""
+    top, left, h, w = (int(v) for v in box)
+    scale = images.reduction(h, w, size, size) if images.is_jpeg(blob) else 1
+    x = images.decode_reduced(blob, channels, scale)
+    if scale > 1:
+        top, left = top // scale, left // scale
+        h, w = min(round(h / scale), x.shape[1] - top), min(round(w / scale), x.shape[2] - left)
+    return x, (top, left, h, w)
 
 
-def resized_crops(images: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Crop ``boxes`` ``[B, 4]`` (top, left, h, w) out of ``images`` ``[B, C, H, W]``, resize to ``size``.
-
-    Returns float32 ``[B, C, size, size]`` on the input's 0-255 scale, clamped; ``flip`` ``[B]`` mirrors.
-    """
-    _, _, height, width = images.shape
-    boxes = boxes.float()
-    wy = resample_weights(boxes[:, 0], boxes[:, 2], height, size)
-    wx = resample_weights(boxes[:, 1], boxes[:, 3], width, size)
-    if flip is not None:
-        wx = torch.where(flip[:, None, None], wx.flip(1), wx)
-    out = wy[:, None] @ images.float() @ wx[:, None].transpose(-1, -2)
-    return out.clamp_(0, 255)
+def _put_crop(out: Tensor, i: int, x: Tensor, box: Sequence[int], flip: bool) -> None:
+    """``out[i]`` (``out`` uint8 [B, S, S, C]) = box of ``x`` [C, H, W] resized, mirrored if ``flip``."""
+    top, left, h, w = box
+    y = images.resize(x[:, top:top + h, left:left + w], out.shape[1:3]).permute(1, 2, 0)
+    out[i] = y.flip(1) if flip else y
 
 
-def decode_images(blobs: Sequence[bytes], channels: int) -> Tensor:
-    """PNG/JPEG bytes -> uint8 ``[B, C, H, W]`` (all images of a dataset share one size)."""
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for blob in blobs:
-        image = Image.open(io.BytesIO(blob))
-        images.append(np.asarray(image if image.mode == mode else image.convert(mode)))
-    return torch.from_numpy(np.stack(images).reshape(len(images), *images[0].shape[:2], channels)).permute(0, 3, 1, 2)
+def crop_batch(blobs: Sequence[bytes], boxes: np.ndarray, flips: np.ndarray | None, size: int,
+               channels: int) -> Tensor:
+    """uint8 ``[B, channels, size, size]`` (channels-last in memory): each box cut from its decoded image
+    (``decode_box``), resized, and mirrored where ``flips`` says."""
+    out = torch.empty(len(blobs), size, size, channels, dtype=torch.uint8)
+    for i, (blob, box) in enumerate(zip(blobs, boxes)):
+        x, box = decode_box(blob, box, size, channels)
+        _put_crop(out, i, x, box, flips is not None and bool(flips[i]))
+    return out.permute(0, 3, 1, 2)
+
+
+def crop(blob: bytes, box: Sequence[int], size: int, channels: int) -> Tensor:
+    """Box ``(top, left, h, w)`` of the stored image ``blob`` resized to uint8 ``[channels, size, size]``."""
+    return crop_batch([blob], np.asarray([box]), None, size, channels)[0]
 
 
 def normalise(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """0-255 ``[B, C, H, W]`` -> ``(x / 255 - mean) / std`` per channel, in place."""
-    mean_t = torch.tensor(mean, dtype=x.dtype)[:, None, None]
-    std_t = torch.tensor(std, dtype=x.dtype)[:, None, None]
-    return x.div_(255.0).sub_(mean_t).div_(std_t)
+    """uint8 (or 0-255 float) ``[B, C, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel, on x's device.
+
+    Computed as ``x * (1 / (255 std)) - mean / std`` on a contiguous copy: two passes over the batch
+    instead of three, and broadcasting over channels-last memory was 2x slower (measured on CPU).
+    """
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).float().to(x.device)[:, None, None]
+    shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).float().to(x.device)[:, None, None]
+    return x.contiguous().float().mul_(scale).add_(shift)
+
+
+def augment_params(seed: int, epoch: np.ndarray, index: np.ndarray, height, width,
+                   crop_scale: tuple[float, float], hflip: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Each sample's crop box ``[B, 4]`` and flip ``[B]`` (None without hflip): the whole augmentation."""
+    u = sample_uniforms(seed, epoch, index, 4 * ATTEMPTS + 1)
+    return crop_boxes(u[:, :-1], height, width, crop_scale), (u[:, -1] < 0.5) if hflip else None
+
+
+def image_sizes(blobs: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) of encoded images, from their headers."""
+    sizes = [images.pil_open(b).size for b in blobs]
+    return np.array([s[1] for s in sizes]), np.array([s[0] for s in sizes])
 
 
 def decode_augment(blobs: Sequence[bytes], epoch: np.ndarray, index: np.ndarray, *, img_size: int, channels: int,
                    mean: Sequence[float], std: Sequence[float], crop_scale: tuple[float, float], hflip: bool,
-                   seed: int) -> Tensor:
-    """Decoded, augmented, normalised images float32 ``[B, C, img_size, img_size]``.
+                   seed: int, sizes: tuple[np.ndarray, np.ndarray] | None = None) -> Tensor:
+    """Decoded, augmented, normalised images float32 ``[B, C, img_size, img_size]`` on the CPU.
 
     A pure function of its arguments: ``epoch`` and ``index`` ``[B]`` pick each sample's random numbers
     (``train_batches`` passes the sample's row in its split; any per-sample integer key works), so a
-    Ray Data ``map_batches`` over ``shard_paths`` can call it as well.
+    Ray Data ``map_batches`` over ``shard_paths`` can call it as well. ``sizes`` (heights, widths) are
+    read from the headers when not given.
     """
-    images = decode_images(blobs, channels)
-    u = sample_uniforms(seed, epoch, index, 4 * ATTEMPTS + 1)
-    boxes = torch.from_numpy(crop_boxes(u[:, :-1], images.shape[2], images.shape[3], crop_scale))
-    flip = torch.from_numpy(u[:, -1] < 0.5) if hflip else None
-    return normalise(resized_crops(images, boxes, img_size, flip), mean, std)
+    heights, widths = sizes if sizes is not None else image_sizes(blobs)
+    boxes, flips = augment_params(seed, epoch, index, heights, widths, crop_scale, hflip)
+    return normalise(crop_batch(blobs, boxes, flips, img_size, channels), mean, std)
+
+
+@dataclass
+class EncodedBatch:
+    """A batch still encoded, for decoding in the training process (``decode="cuda"``)."""
+
+    data: Tensor  # uint8 [total bytes]: the images' bytes end to end
+    offsets: Tensor  # int64 [B + 1]
+    boxes: Tensor  # int64 [B, 4] (top, left, h, w) in the stored images
+    flips: Tensor | None  # bool [B]
+    labels: Tensor  # int64 [B]
+
+    @classmethod
+    def pack(cls, blobs: Sequence[bytes], boxes: np.ndarray, flips: np.ndarray | None,
+             labels: np.ndarray) -> EncodedBatch:
+        offsets = np.cumsum([0] + [len(b) for b in blobs])
+        return cls(torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8), torch.from_numpy(offsets),
+                   torch.from_numpy(boxes), None if flips is None else torch.from_numpy(flips),
+                   torch.from_numpy(labels))
+
+    def blobs(self) -> list[Tensor]:
+        o = self.offsets.tolist()
+        return [self.data[o[i]:o[i + 1]] for i in range(len(o) - 1)]
+
+
+def decode_on_device(batch: EncodedBatch, size: int, channels: int, device: torch.device) -> Tensor:
+    """uint8 ``[B, channels, size, size]`` on ``device``: JPEGs decoded there as one batch (nvJPEG on
+    CUDA), other images on the CPU and moved; then each box cropped and resized on ``device``."""
+    from torchvision.io import decode_jpeg
+
+    blobs = batch.blobs()
+    is_jpeg = [images.is_jpeg(bytes(b[:2].tolist())) for b in blobs]
+    jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
+    decoded = iter(decode_jpeg(jpegs, mode=images.read_mode(channels), device=device) if jpegs else [])
+    flips = batch.flips.tolist() if batch.flips is not None else [False] * len(blobs)
+    out = torch.empty(len(blobs), size, size, channels, dtype=torch.uint8, device=device)
+    for i, (blob, jpeg, box) in enumerate(zip(blobs, is_jpeg, batch.boxes.tolist())):
+        x = next(decoded) if jpeg else images.decode(blob.numpy().tobytes(), channels).to(device)
+        _put_crop(out, i, x, box, flips[i])
+    return out.permute(0, 3, 1, 2)
+
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """``DataConfig.decode`` for a run on ``device``: "auto" is "cuda" on CUDA devices, else "cpu"."""
+    if decode == "auto":
+        return "cuda" if device.type == "cuda" else "cpu"
+    if decode == "cuda" and device.type != "cuda":
+        raise ValueError(f"data.decode 'cuda' needs training on a CUDA device, not {device}")
+    return decode
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,13 +260,26 @@ def rank_positions(step: int, batch_size: int, split_size: int, rank: int,
     return p // share, rank + (p % share) * world_size
 
 
+def shard_columns(manifest: Manifest, table) -> tuple[np.ndarray, np.ndarray]:
+    """(heights, widths) of a shard's images: its columns in format 2, the dataset's one size in format 1."""
+    if manifest.format_version >= 2:
+        return table.column("height").to_numpy().astype(np.int64), table.column("width").to_numpy().astype(np.int64)
+    h, w = manifest.image_size
+    return np.full(table.num_rows, h, np.int64), np.full(table.num_rows, w, np.int64)
+
+
+def read_columns(manifest: Manifest) -> list[str]:
+    return ["image", "label", "height", "width"] if manifest.format_version >= 2 else ["image", "label"]
+
+
 class TrainBatches(torch.utils.data.Dataset):
-    """Item ``s`` is batch ``s`` of one rank: (images float32 ``[B, C, S, S]``, labels int64 ``[B]``)."""
+    """Item ``s`` is batch ``s`` of one rank: (images uint8 ``[B, C, S, S]``, labels int64 ``[B]``), or
+    its ``EncodedBatch`` when the training process decodes (``decode="cuda"``)."""
 
     def __init__(self, dataset_dir: Path, cfg: DataConfig, img_size: int, batch_size: int, rank: int,
-                 world_size: int, seed: int):
+                 world_size: int, seed: int, encoded: bool = False):
         self.dir, self.cfg, self.img_size, self.batch_size = dataset_dir, cfg, img_size, batch_size
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.rank, self.world_size, self.seed, self.encoded = rank, world_size, seed, encoded
         self.manifest = load_manifest(dataset_dir)
         self.shards = self.manifest.split_shards(cfg.split)
         self.offsets = np.cumsum([0] + [s.rows for s in self.shards])
@@ -205,7 +287,7 @@ class TrainBatches(torch.utils.data.Dataset):
             raise ValueError(f"split {cfg.split!r} of {dataset_dir} has {self.offsets[-1]} images, "
                              f"fewer than the {world_size} ranks")
         self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache: OrderedDict[int, tuple[list[bytes], np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
     def _order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
@@ -214,17 +296,19 @@ class TrainBatches(torch.utils.data.Dataset):
                 self._orders.popitem(last=False)
         return self._orders[epoch]
 
-    def _shard(self, i: int) -> tuple[list[bytes], np.ndarray]:
+    def _shard(self, i: int) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray]:
+        """(encoded images, labels, heights, widths) of shard ``i``, through a cache of recent shards."""
         if i in self._cache:
             self._cache.move_to_end(i)
         else:
-            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=["image", "label"])
-            self._cache[i] = table.column("image").to_pylist(), table.column("label").to_numpy()
+            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=read_columns(self.manifest))
+            self._cache[i] = (table.column("image").to_pylist(), table.column("label").to_numpy(),
+                              *shard_columns(self.manifest, table))
             while sum(self.shards[j].bytes for j in self._cache) > 2 * WINDOW_BYTES and len(self._cache) > 1:
                 self._cache.popitem(last=False)
         return self._cache[i]
 
-    def __getitem__(self, step: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, step: int) -> tuple[Tensor, Tensor] | EncodedBatch:
         epochs, positions = rank_positions(step, self.batch_size, int(self.offsets[-1]), self.rank, self.world_size)
         index = np.empty_like(positions)
         for e in np.unique(epochs):
@@ -232,14 +316,15 @@ class TrainBatches(torch.utils.data.Dataset):
         shard = np.searchsorted(self.offsets, index, side="right") - 1
         row = index - self.offsets[shard]
         blobs, labels = [], np.empty(len(index), np.int64)
+        heights, widths = np.empty(len(index), np.int64), np.empty(len(index), np.int64)
         for k, (s, r) in enumerate(zip(shard, row)):
-            images, shard_labels = self._shard(int(s))
-            blobs.append(images[r])
-            labels[k] = shard_labels[r]
-        x = decode_augment(blobs, epochs, index, img_size=self.img_size, channels=self.manifest.channels,
-                           mean=self.manifest.mean, std=self.manifest.std, crop_scale=self.cfg.crop_scale,
-                           hflip=self.cfg.hflip, seed=self.seed)
-        return x, torch.from_numpy(labels)
+            data, shard_labels, shard_heights, shard_widths = self._shard(int(s))
+            blobs.append(data[r])
+            labels[k], heights[k], widths[k] = shard_labels[r], shard_heights[r], shard_widths[r]
+        boxes, flips = augment_params(self.seed, epochs, index, heights, widths, self.cfg.crop_scale, self.cfg.hflip)
+        if self.encoded:
+            return EncodedBatch.pack(blobs, boxes, flips, labels)
+        return crop_batch(blobs, boxes, flips, self.img_size, self.manifest.channels), torch.from_numpy(labels)
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -251,19 +336,33 @@ class _Steps(torch.utils.data.Sampler):
 
 
 def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                  seed: int = 0, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """Infinite (images float32 ``[B, C, img_size, img_size]``, labels int64 ``[B]``) for one rank.
+                  seed: int = 0, start_step: int = 0,
+                  device: torch.device | str = "cpu") -> Iterator[tuple[Tensor, Tensor]]:
+    """Infinite (images float32 ``[B, C, img_size, img_size]`` on ``device``, labels int64 ``[B]``) for one rank.
 
-    ``B = batch_size`` per rank. Batches are decoded and augmented by ``cfg.loader_workers`` processes
-    (0: in this process); batch ``s`` depends only on (dataset, cfg, seed, rank, world_size, s).
+    ``B = batch_size`` per rank. Batches are read (and, with ``decode="cpu"``, decoded and augmented)
+    by ``cfg.loader_workers`` processes (0: in this process); batch ``s`` depends only on (dataset,
+    cfg, seed, rank, world_size, s) and, through the decoder, on where decoding runs.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    device = torch.device(device)
+    decode = resolve_decode(cfg.decode, device)
     dataset = TrainBatches(resolve_dataset(cfg.dataset, cfg.cache_dir), cfg, img_size, batch_size, rank,
-                           world_size, seed)
+                           world_size, seed, encoded=decode != "cpu")
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Steps(start_step),
-                                         num_workers=cfg.loader_workers)
-    return iter(loader)
+                                         num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+    return _on_device(iter(loader), dataset.manifest, img_size, device)
+
+
+def _on_device(loader: Iterator, manifest: Manifest, img_size: int,
+               device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    for item in loader:
+        if isinstance(item, EncodedBatch):
+            x, labels = decode_on_device(item, img_size, manifest.channels, device), item.labels
+        else:
+            x, labels = item[0].to(device, non_blocking=True), item[1]
+        yield normalise(x, manifest.mean, manifest.std), labels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,8 +381,10 @@ def stratified_subset(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def load_split(dataset_dir: str | Path, split: str, img_size: int, limit: int | None = None,
                seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Evaluation images float32 ``[N, C, img_size, img_size]`` (resized, normalised) and labels ``[N]``.
+    """Evaluation images float32 ``[N, C, img_size, img_size]`` and labels ``[N]``.
 
+    Each image's central square (its shorter side) resized to ``img_size`` and normalised: the usual
+    resize + centre crop of evaluation, exact pixels when the stored images are already that size.
     With ``limit``, a class-stratified subset of ``limit`` samples drawn with ``seed``, in split order.
     """
     dataset_dir = Path(dataset_dir)
@@ -294,21 +395,16 @@ def load_split(dataset_dir: str | Path, split: str, img_size: int, limit: int | 
     keep = np.arange(len(labels)) if limit is None or limit >= len(labels) else stratified_subset(labels, limit, seed)
     offsets = np.cumsum([0] + [s.rows for s in shards])
     x = torch.empty(len(keep), manifest.channels, img_size, img_size)
-    h, w = manifest.image_size
     done = 0
     for i, s in enumerate(shards):
         rows = keep[(keep >= offsets[i]) & (keep < offsets[i + 1])] - offsets[i]
         if not len(rows):
             continue
-        blobs = read_shard(dataset_dir / s.file, s, columns=["image"]).column("image").take(rows).to_pylist()
+        table = read_shard(dataset_dir / s.file, s, columns=read_columns(manifest)).take(rows)
+        blobs = table.column("image").to_pylist()
+        boxes = centre_boxes(*shard_columns(manifest, table))
         for chunk in range(0, len(blobs), 1024):
-            images = decode_images(blobs[chunk:chunk + 1024], manifest.channels)
-            n = len(images)
-            if (h, w) != (img_size, img_size):
-                full = torch.tensor([[0.0, 0.0, h, w]]).expand(n, 4)
-                out = resized_crops(images, full, img_size)
-            else:
-                out = images.float()
-            x[done:done + n] = normalise(out, manifest.mean, manifest.std)
-            done += n
+            out = crop_batch(blobs[chunk:chunk + 1024], boxes[chunk:chunk + 1024], None, img_size, manifest.channels)
+            x[done:done + len(out)] = normalise(out, manifest.mean, manifest.std)
+            done += len(out)
     return x, torch.from_numpy(labels[keep])
