@@ -73,6 +73,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[
         encoder, config = load_encoder(checkpoint, "teacher")
     except CheckpointError as err:
         raise ExportError(str(err)) from None
+    if encoder.timm_architecture is None:
+        raise ExportError(f"{checkpoint} is a model.pos_embed=rope encoder (CAPI's own RoPE ViT, the vit-* presets), "
+                          "which plain timm cannot build; load it with capi_core.checkpoint.load_encoder(path) "
+                          "(an Encoder whose .vit is the network), or train with model.pos_embed=learned to export "
+                          "timm weights")
     state = json.loads((checkpoint / STATE).read_text())
     provenance = {**(provenance or {}), "checkpoint": str(checkpoint), "step": state.get("step"),
                   "checkpoint_metrics": {k: v for k, v in state.get("metrics", {}).items() if _finite(v)}}

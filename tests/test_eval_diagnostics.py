@@ -152,7 +152,11 @@ def test_recorded_attention_is_the_models_attention(pos_embed):
     assert all(block.attn.fused_attn for block in encoder.vit.blocks)  # restored
     with torch.no_grad():  # q = k = 0 -> uniform attention, normalised entropy 1 in every block
         for block in encoder.vit.blocks:
-            block.attn.qkv.weight[: 2 * 32].zero_()
+            if pos_embed == "rope":  # CAPI's layout: separate q, k and v projections
+                block.attn.q_proj.weight.zero_()
+                block.attn.k_proj.weight.zero_()
+            else:
+                block.attn.qkv.weight[: 2 * 32].zero_()
     stats = attention_flow_stats(collect_attention(encoder, x), has_cls=False, num_registers=4)
     assert torch.allclose(stats["patch_entropy"], torch.ones(3, 2), atol=1e-5)
 

@@ -141,3 +141,18 @@ def test_bad_exports_name_the_problem_and_leave_nothing_behind(mlflow_server, tr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".c.")]
     both = CliRunner().invoke(main, ["export", "--run", run_id, "--sweep", "x", "--out", str(tmp_path / "d")])
     assert both.exit_code != 0 and "exactly one of --sweep NAME and --run ID" in both.output
+
+
+def test_a_rope_model_is_refused_and_loads_through_capi_core(tmp_path):
+    """CAPI's RoPE ViT (the vit-* architecture) has no plain-timm equivalent: the export says how to load it."""
+    cfg = build_config("cpu-tiny", [f"run.output_dir={tmp_path}", "model.pos_embed=rope", "run.name=rope"])
+    trainer = Trainer(cfg)
+    trainer._checkpoint({})
+    with pytest.raises(ExportError, match=r"pos_embed=rope .*capi_core.checkpoint.load_encoder"):
+        export_checkpoint(tmp_path / "rope", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    encoder, loaded = ckpt.load_encoder(tmp_path / "rope")
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.eval()(x), trainer.teacher.encoder(x))
+    assert loaded.model.pos_embed == "rope"

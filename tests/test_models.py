@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import timm
@@ -14,7 +15,8 @@ from torch.overrides import TorchFunctionMode
 
 from capi_core.config import build_config
 from capi_core.models import ClusteringHead, Encoder, Predictor, Student, StudentHead, param_groups
-from capi_core.models.predictor import grid_coords, register_edge_coords, rope_embed
+from capi_core.models.rope import Rope, apply_rope, patch_coords, register_coords, rope_freqs, token_coords
+from capi_core.models.vit import residual
 
 SCHEMES = ["learned", "rope"]
 
@@ -79,14 +81,12 @@ def test_teacher_path_equals_timm_forward_features(pos_embed):
     torch.testing.assert_close(enc(x, torch.arange(16).expand(2, -1)), enc(x))
 
 
-@pytest.mark.parametrize("pos_embed", SCHEMES)
-def test_visible_gather_equals_timm_on_gathered_tokens(pos_embed):
-    # Reference: timm's own forward_features with its patch-dropout slot keeping exactly our visible
-    # indices (timm then also gathers the RoPE table itself, with apply_keep_indices_nlc).
-    enc = Encoder(tiny(pos_embed, registers=4).model).eval()
+def test_visible_gather_equals_timm_on_gathered_tokens():
+    # Reference: timm's own forward_features with its patch-dropout slot keeping exactly our visible indices.
+    enc = Encoder(tiny("learned", registers=4).model).eval()
     x = torch.randn(3, 1, 16, 16)
     visible, _ = masks(3, 16, 6, 0, seed=1)
-    enc.vit.patch_drop = KeepIndices(visible, num_prefix=4, with_indices=pos_embed == "rope")
+    enc.vit.patch_drop = KeepIndices(visible, num_prefix=4, with_indices=False)
     torch.testing.assert_close(enc(x, visible), enc.vit.forward_features(x), rtol=1e-5, atol=1e-5)
 
 
@@ -103,9 +103,8 @@ def test_visible_tokens_keep_their_positions_in_any_order(pos_embed):
     torch.testing.assert_close(shuffled[:, 4:], out[:, 4:][:, perm], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_embed", SCHEMES)
-def test_exported_state_dict_loads_in_plain_timm(pos_embed, tmp_path):
-    enc = Encoder(tiny(pos_embed).model).eval()
+def test_exported_state_dict_loads_in_plain_timm(tmp_path):
+    enc = Encoder(tiny("learned").model).eval()
     state = enc.vit.state_dict()
     path = tmp_path / "model.safetensors"
     save_file(state, str(path))
@@ -140,16 +139,26 @@ def test_rope_needs_head_dim_divisible_by_4():
         Encoder(tiny("rope", embed_dim=36, num_heads=2).model)
 
 
-def test_vit_l_constructs_without_biases():
+def test_rope_encoder_has_no_timm_equivalent_and_says_how_to_load_it():
+    with pytest.raises(ValueError, match="capi_core.checkpoint.load_encoder"):
+        Encoder(tiny("rope").model).timm_model_args()
+
+
+def test_vit_l_has_the_official_parameters():
+    """The official ViT-L/14: no linear biases (only the patch embedding's), RMSNorm weights in the blocks,
+    no position embedding (RoPE, frozen), 16 registers, a final norm without parameters."""
     cfg = build_config("vit-l").model
     with torch.device("meta"):
         enc = Encoder(cfg)
     D, L, N = 1024, 24, 256
-    expected = (L * (12 * D * D + 2 * D)  # qkv, proj, fc1, fc2 (no biases) + two RMSNorm weights per block
+    expected = (L * (12 * D * D + 2 * D)  # q, k, v, proj, fc1, fc2 (no biases) + two RMSNorm weights per block
                 + 3 * 14 * 14 * D + D  # patch embed conv (keeps its bias)
-                + N * D + 16 * D + D)  # pos embed, 16 registers, final norm
+                + 16 * D)  # 16 registers
     assert sum(p.numel() for p in enc.parameters()) == expected
-    assert enc.num_patches == N and enc.num_registers == 16
+    assert [n for n, _ in enc.named_parameters() if n.endswith("bias")] == ["vit.patch_embed.proj.bias"]
+    assert enc.num_patches == N and enc.num_registers == 16 and cfg.pos_embed == "rope"
+    assert all(b.norm1.eps == 1e-5 for b in enc.vit.blocks) and enc.vit.norm.weight is None
+    assert enc.vit.blocks[0].attn.q_proj.weight.shape == (D, D)
 
 
 # -------------------------------------------------------------------------------------- fp32 attention
@@ -200,27 +209,135 @@ def test_predictor_rejects_a_context_of_the_wrong_length():
         predictor(torch.randn(1, 6, 32), visible, predict)
 
 
-def test_predictor_rope_table_matches_timm_encoder_rope():
-    enc = Encoder(tiny("rope").model)
-    predictor = Predictor(tiny("rope").model)
-    torch.testing.assert_close(rope_embed(grid_coords(4), predictor.bands), enc.vit.rope.get_embed())
+# ------------------------------------------------------------------------------------------------ RoPE
+
+def reference_rope(x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """CAPI's RoPE written out from its definition, one channel at a time.
+
+    head_dim hd, q = hd/4 frequencies f_j = 2 pi * 7 * (7e-4 / 7)^(j / (q - 1)); channel i < hd/2 uses the
+    row angle a = row * f_(i mod q) and is mixed with channel i + hd/2, which uses the column angle
+    b = col * f_(i mod q): out_i = x_i cos a - x_(i+hd/2) sin a, out_(i+hd/2) = x_(i+hd/2) cos b + x_i sin b.
+    x [T, hd] (float64), coords [T, 2].
+    """
+    T, hd = x.shape
+    q, half = hd // 4, hd // 2
+    f = [2 * math.pi * 7.0 * (7e-4 / 7.0) ** (j / (q - 1)) for j in range(q)]
+    out = torch.empty_like(x)
+    for t in range(T):
+        row, col = coords[t].tolist()
+        for i in range(half):
+            a, b = row * f[i % q], col * f[i % q]
+            out[t, i] = x[t, i] * math.cos(a) - x[t, i + half] * math.sin(a)
+            out[t, i + half] = x[t, i + half] * math.cos(b) + x[t, i] * math.sin(b)
+    return out
 
 
-def test_register_edge_layout():
-    expected = torch.tensor([[0, 0], [0, .5], [0, 1], [.5, 1], [1, 1], [1, .5], [1, 0], [.5, 0]])
-    torch.testing.assert_close(register_edge_coords(8), expected)
-    assert register_edge_coords(0).shape == (0, 2)
+def test_rope_is_the_official_formula():
+    x = torch.randn(1, 1, 7, 16, dtype=torch.float64)
+    coords = torch.rand(1, 7, 2)
+    cos, sin = Rope(16)(coords)
+    got = apply_rope(x, cos.double(), sin.double())[0, 0]
+    torch.testing.assert_close(got, reference_rope(x[0, 0], coords[0]), rtol=1e-5, atol=1e-5)
+    freqs = rope_freqs(16) / (2 * math.pi)
+    expected = [7.0 * 1e-4 ** (j / 3) for j in range(4)]  # 7 down to 7e-4, log-spaced
+    assert freqs[0, :4].tolist() == pytest.approx(expected, rel=1e-6) and freqs[0, 8:].abs().sum() == 0
+    assert torch.equal(freqs[0, :8], freqs[1, 8:]) and torch.equal(freqs[0, :4], freqs[0, 4:8])
 
 
-def test_rope_predictor_is_translation_invariant():
-    # RoPE is relative and the registers sit on the visible bounding box, so moving the visible block
-    # and the queries together changes nothing. Fixed register coordinates would break this.
-    predictor = Predictor(tiny("rope", registers=4).model).eval()
-    context = torch.randn(1, 4 + 4, 32)
-    visible, predict = torch.tensor([[0, 1, 4, 5]]), torch.tensor([[2, 8, 10]])  # a 2x2 block and 3 queries
-    moved = predictor(context, visible + 5, predict + 5)  # one row down, one column right
-    torch.testing.assert_close(moved, predictor(context, visible, predict), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(predictor(context, visible, predict + 1), predictor(context, visible, predict))
+def test_patch_and_register_coordinates_are_the_references():
+    assert patch_coords(3).tolist() == [[0, 0], [0, .5], [0, 1], [.5, 0], [.5, .5], [.5, 1], [1, 0], [1, .5], [1, 1]]
+    # 2 per side: left edge down, bottom edge right, right edge up, top edge left.
+    assert register_coords(8).tolist() == [[0, 0], [.5, 0], [1, 0], [1, .5], [1, 1], [.5, 1], [0, 1], [0, .5]]
+    assert register_coords(0).shape == (0, 2)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        register_coords(6)
+    visible = torch.tensor([[[0.25, 0.5], [0.5, 0.75], [0.75, 0.5]]])  # bounding box rows .25-.75, cols .5-.75
+    coords = token_coords(register_coords(4), visible)
+    assert coords[0, :4].tolist() == [[0.25, 0.5], [0.75, 0.5], [0.75, 0.75], [0.25, 0.75]]
+    assert torch.equal(coords[0, 4:], visible[0])
+
+
+def reference_encoder(enc: Encoder, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """The official encoder's forward written out with the encoder's weights: patch embedding, the visible
+    patches, registers first with coordinates on the visible bounding box's edges, then per block
+    x + proj(attn(RoPE(q), RoPE(k), v)) on RMSNorm(x) and x + fc2(gelu(fc1(RMSNorm(x)))), final RMSNorm."""
+    vit = enc.vit
+    g = enc.grid_size
+    patches = torch.nn.functional.conv2d(x, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias, stride=4)
+    patches = patches.flatten(2).transpose(1, 2)
+    out = []
+    for b in range(x.shape[0]):
+        cells = visible[b].tolist()
+        coords = torch.tensor([[(c // g) / (g - 1), (c % g) / (g - 1)] for c in cells], dtype=torch.float64)
+        lo, hi = coords.min(0).values, coords.max(0).values
+        side = torch.arange(enc.num_registers // 4) / (enc.num_registers // 4)
+        edge = [(c, 0.0) for c in side] + [(1.0, c) for c in side] + [(1 - c, 1.0) for c in side] + \
+            [(0.0, 1 - c) for c in side]
+        reg = torch.tensor([[lo[0] + r * (hi[0] - lo[0]), lo[1] + c * (hi[1] - lo[1])] for r, c in edge])
+        all_coords = torch.cat([reg, coords]).double()
+        h = torch.cat([vit.reg_token[0], patches[b, cells]]).double()
+
+        def rms(v, w=None):
+            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-5)
+            return v if w is None else v * w.double()
+
+        for block in vit.blocks:
+            a = block.attn
+            y = rms(h, block.norm1.weight)
+            heads = []
+            for i in range(a.num_heads):
+                sl = slice(i * 16, (i + 1) * 16)
+                q = reference_rope((y @ a.q_proj.weight.double().T)[:, sl], all_coords)
+                k = reference_rope((y @ a.k_proj.weight.double().T)[:, sl], all_coords)
+                v = (y @ a.v_proj.weight.double().T)[:, sl]
+                heads.append(((q @ k.T) / 4.0).softmax(-1) @ v)
+            h = h + torch.cat(heads, -1) @ a.proj.weight.double().T
+            y = rms(h, block.norm2.weight)
+            h = h + torch.nn.functional.gelu(y @ block.mlp.fc1.weight.double().T) @ block.mlp.fc2.weight.double().T
+        out.append(rms(h))
+    return torch.stack(out).float()
+
+
+def test_rope_encoder_is_the_official_architecture():
+    enc = Encoder(tiny("rope", registers=8).model).eval()  # dim 32, 2 heads of 16, depth 2
+    x = torch.randn(2, 1, 16, 16)
+    visible, _ = masks(2, 16, 6, 0, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x, visible), reference_encoder(enc, x, visible), rtol=1e-4, atol=1e-4)
+        every = torch.arange(16).expand(2, -1)
+        torch.testing.assert_close(enc(x), reference_encoder(enc, x, every), rtol=1e-4, atol=1e-4)
+
+
+def test_predictor_places_the_context_as_the_encoder_does():
+    cfg = tiny("rope", registers=4).model
+    enc, predictor = Encoder(cfg), Predictor(cfg)
+    visible, predict = masks(3, 16, 6, 2, seed=5)
+    _, enc_cos, enc_sin = enc.vit.tokens(torch.randn(3, 1, 16, 16), visible)
+    (q_cos, _), (k_cos, k_sin) = predictor._rope(visible, predict)
+    assert torch.equal(k_cos, enc_cos) and torch.equal(k_sin, enc_sin)
+    assert torch.equal(q_cos, predictor.rope(patch_coords(4)[predict])[0])
+    assert not torch.allclose(predictor(torch.randn(1, 10, 32), visible[:1], predict[:1]),
+                              predictor(torch.randn(1, 10, 32), visible[:1], predict[:1] + 1))
+
+
+def test_efficient_drop_path_runs_each_branch_on_a_subset_and_rescales():
+    torch.manual_seed(0)
+    x, extra = torch.randn(10, 3, 4), torch.randn(10, 5)
+    seen = []
+
+    def branch(y, e):
+        seen.append((y.clone(), e.clone()))
+        return torch.ones_like(y)
+
+    out = residual(x, branch, 0.3, True, extra)
+    (y, e), = seen
+    assert y.shape[0] == 7  # int(10 * 0.7) samples through the branch
+    rows = [next(i for i in range(10) if torch.equal(x[i], r)) for r in y]
+    assert torch.equal(e, extra[rows])  # per-sample inputs follow their samples
+    changed = [i for i in range(10) if not torch.equal(out[i], x[i])]
+    assert sorted(changed) == sorted(rows)
+    torch.testing.assert_close(out[rows], x[rows] + 10 / 7)
+    assert torch.equal(residual(x, lambda y, e: y, 0.3, False, extra), 2 * x)  # eval: every sample, no scale
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -286,13 +403,14 @@ def test_param_groups(pos_embed):
     assert mults("encoder.vit.patch_embed.proj.weight") == (o.patch_embed_lr_mult, 1.0)
     assert mults("encoder.vit.patch_embed.proj.bias") == (o.patch_embed_lr_mult, 0.0)
     assert mults("encoder.vit.blocks.0.norm1.weight") == (1.0, o.norm_wd_mult)
-    assert mults("encoder.vit.blocks.1.attn.qkv.weight") == (1.0, 1.0)
+    assert mults("encoder.vit.blocks.1.attn." + ("q_proj" if pos_embed == "rope" else "qkv") + ".weight") == (1.0, 1.0)
     assert mults("encoder.vit.reg_token") == (1.0, 1.0)
     assert mults("predictor.mask_token") == (1.0, 1.0)
     assert mults("predictor.blocks.0.norm2.weight") == (1.0, o.norm_wd_mult)
     assert mults("head.weight_g") == mults("head.weight_v") == (1.0, 1.0)
-    if pos_embed == "rope":
-        assert mults("encoder.vit.blocks.0.mlp.fc1.bias") == (1.0, 0.0)
-        assert mults("encoder.vit.blocks.0.norm1.bias") == (1.0, 0.0)
-    assert "encoder.vit.norm.weight" in params and id(params["encoder.vit.norm.weight"]) not in where
+    if pos_embed == "rope":  # no biases but the patch embedding's; RoPE frequencies are a buffer, never trained
+        assert [n for n in params if n.endswith(".bias")] == ["encoder.vit.patch_embed.proj.bias"]
+        assert "encoder.vit.rope.freqs" in student.state_dict() and "encoder.vit.norm.weight" not in params
+    else:  # the final norm's identity affine is frozen
+        assert "encoder.vit.norm.weight" in params and id(params["encoder.vit.norm.weight"]) not in where
     torch.optim.AdamW(groups, lr=1e-3)  # the groups are valid optimizer input
