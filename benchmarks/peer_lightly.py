@@ -189,7 +189,7 @@ def compare(preset: str = "cpu-demo", batch: int = 256, steps: int = 5, warmup: 
         gen = torch.Generator().manual_seed(0)  # only to read our token counts off our own mask sampler
         visible, predict = sample_masks(cfg.masking.strategy, m.grid_size, trainer.schedule(0)["mask_ratio"],
                                         cfg.masking.prediction_subsampling, 1, gen, cfg.masking.min_aspect,
-                                        cfg.masking.max_aspect)
+                                        cfg.masking.max_aspect, cfg.masking.block_roll)
         n_vis, n_pred = visible.shape[1], predict.shape[1]
 
         def ours(step: int) -> None:

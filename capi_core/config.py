@@ -85,6 +85,9 @@ class MaskingConfig(_Strict):
     )
     min_aspect: float = Field(0.5, gt=0.0)
     max_aspect: float = Field(2.0, gt=0.0)
+    block_roll: bool = Field(
+        True, description="``block``: cyclically shift the masked block, as the reference's BlockMasking does by default"
+    )
 
     @model_validator(mode="after")
     def _check_schedule(self) -> MaskingConfig:

@@ -43,6 +43,7 @@ def sample_masks(
     generator: torch.Generator,
     min_aspect: float = 0.5,
     max_aspect: float = 2.0,
+    block_roll: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Visible and predicted patch indices for a batch on a ``grid x grid`` patch grid.
 
@@ -52,8 +53,9 @@ def sample_masks(
     - ``random``: a uniformly random set of n_vis visible patches.
     - ``block``: one rectangle of exactly n_masked *masked* cells (the same geometry as below, built
       for n_masked instead of n_vis), the rest visible: the reference's ``BlockMasking``, for the
-      "block" row of the paper's ablation. Not rolled: the paper does not say, and this keeps the roll
-      as the one change between its last two rows.
+      "block" row of the paper's ablation. Cyclically shifted like ``inverse_block_roll`` when
+      ``block_roll`` (the reference's ``BlockMasking`` rolls by default; the paper does not say whether
+      its "block" row did, so ``masking.block_roll=false`` gives the unrolled variant).
     - ``inverse_block``: one rectangle of exactly n_vis *visible* cells (the reference's InverseBlockMasking).
     - ``inverse_block_roll``: the same, cyclically shifted by a uniform (dy, dx), so the block wraps across
       the borders and every position is equally likely to be visible.
@@ -77,7 +79,7 @@ def sample_masks(
         chosen = keys.topk(n_vis, dim=1, largest=False, sorted=False).indices
         visible = torch.zeros(batch_size, n, dtype=torch.bool).scatter_(1, chosen, True)
     elif strategy == "block":
-        visible = ~_block(grid, n_masked, batch_size, generator, min_aspect, max_aspect, roll=False)
+        visible = ~_block(grid, n_masked, batch_size, generator, min_aspect, max_aspect, roll=block_roll)
     elif strategy in ("inverse_block", "inverse_block_roll"):
         roll = strategy == "inverse_block_roll"
         visible = _block(grid, n_vis, batch_size, generator, min_aspect, max_aspect, roll=roll)

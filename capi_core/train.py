@@ -219,7 +219,7 @@ class Trainer:
         for i, images in enumerate(micro_batches):
             visible, predict = sample_masks(cfg.masking.strategy, cfg.model.grid_size, sched["mask_ratio"],
                                             cfg.masking.prediction_subsampling, images.shape[0], gen,
-                                            cfg.masking.min_aspect, cfg.masking.max_aspect)
+                                            cfg.masking.min_aspect, cfg.masking.max_aspect, cfg.masking.block_roll)
             visible, predict = visible.to(self.device), predict.to(self.device)
             sync = i == n - 1 or not self.distributed
             with contextlib.nullcontext() if sync else self._no_sync():

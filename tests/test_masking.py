@@ -76,12 +76,23 @@ def test_inverse_block_with_fixed_aspect_has_the_spec_shape():
 
 def test_block_masks_a_truncated_rectangle():
     grid, ratio = 8, 0.65
-    visible, predict = sample_masks("block", grid, ratio, 1.0, 128, _gen())
+    visible, predict = sample_masks("block", grid, ratio, 1.0, 128, _gen(), block_roll=False)
     masked = ~_bool_grid(visible, grid)
     assert all(_is_truncated_rectangle(m) for m in masked)
     assert (masked.flatten(1).sum(1) == int(grid * grid * ratio)).all()
     # prediction_subsampling 1.0 predicts every masked cell
     assert torch.equal(_bool_grid(predict, grid), masked)
+
+
+def test_block_rolls_its_masked_rectangle_by_default_as_the_reference():
+    grid, ratio = 8, 0.4
+    masked = ~_bool_grid(sample_masks("block", grid, ratio, 1.0, 64, _gen())[0], grid)
+    shifts = [(dy, dx) for dy in range(grid) for dx in range(grid)]
+    assert all(any(_is_truncated_rectangle(torch.roll(m, s, (0, 1))) for s in shifts) for m in masked)
+    assert not all(_is_truncated_rectangle(m) for m in masked)  # some wrap across the borders
+    p_masked = int(grid * grid * ratio) / grid**2
+    freq = (~_bool_grid(sample_masks("block", grid, ratio, 1.0, 8000, _gen())[0], grid)).float().mean(0)
+    assert (freq - p_masked).abs().max() < 0.03  # every position equally likely masked
 
 
 def test_roll_is_a_cyclic_shift_of_a_truncated_rectangle():
