@@ -224,7 +224,11 @@ def test_bad_folders_and_outputs_are_named(tmp_path):
 def _child_import(root: Path, out: Path, errors, limit_bytes: int | None, slow: bool) -> None:
     import resource
 
+    import torch
+
     import capi_core.data.imagefolder as imf
+
+    torch.set_num_threads(1)  # as the import's own processes do: a forked OpenMP pool would hang
 
     if limit_bytes is not None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

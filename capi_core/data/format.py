@@ -201,6 +201,14 @@ class PixelStats:
         self.sum += flat.sum(0, dtype=np.uint64)
         self.sumsq += (flat.astype(np.uint32) ** 2).sum(0, dtype=np.uint64)
 
+    def add_histogram(self, counts: np.ndarray) -> None:
+        """``counts`` ``[C, 256]``: how many pixels of each channel have each value (the same sums, exactly)."""
+        counts = counts.astype(np.uint64)
+        values = np.arange(256, dtype=np.uint64)
+        self.count += int(counts[0].sum())
+        self.sum += counts @ values
+        self.sumsq += counts @ (values * values)
+
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.sum / (self.count * 255.0)
         var = self.sumsq / (self.count * 255.0**2) - mean**2

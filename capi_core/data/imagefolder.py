@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor
 
 from capi_core.data import images
 from capi_core.data.format import (
@@ -204,8 +205,8 @@ def process_runner(workers: int | None = None) -> Runner:
 # One image, one shard
 
 def store_image(path: Path, mode: str, max_short_side: int | None, quality: int,
-                lossless: bool) -> tuple[bytes, np.ndarray, str]:
-    """(stored bytes, stored pixels uint8 [H, W, C], how it was stored) for one source image."""
+                lossless: bool) -> tuple[bytes, Tensor, str]:
+    """(stored bytes, stored pixels uint8 [C, H, W], how it was stored) for one source image."""
     from PIL import Image
 
     channels = 1 if mode == "L" else 3
@@ -239,14 +240,11 @@ def store_image(path: Path, mode: str, max_short_side: int | None, quality: int,
         if fmt == "PNG" and unchanged:
             stored, kind = data, "png-source"
         else:
-            stored, kind = encode_png(_hwc(pixels)[..., 0] if channels == 1 else _hwc(pixels)), "png"
+            array = images.hwc(pixels)
+            stored, kind = encode_png(array[..., 0] if channels == 1 else array), "png"
     else:
         stored, kind = images.encode_jpeg(pixels, quality), "jpeg"
-    return stored, _hwc(pixels), kind
-
-
-def _hwc(pixels) -> np.ndarray:
-    return pixels.permute(1, 2, 0).numpy()
+    return stored, pixels, kind
 
 
 def record_path(out: Path, name: str) -> Path:
@@ -270,10 +268,11 @@ def import_shard(task: ShardTask) -> ShardRecord:
                 raise
             skipped.append(Skipped(file=rel, reason=str(err)))
         else:
-            rows.add(rel, data, label, pixels.shape[0], pixels.shape[1])
-            stats.add(pixels)
+            height, width = pixels.shape[1:]
+            rows.add(rel, data, label, height, width)
+            stats.add_histogram(images.histogram(pixels))
             encodings[kind] += 1
-            sizes.add(pixels.shape[:2])
+            sizes.add((height, width))
         _tick()
     info = None
     try:

