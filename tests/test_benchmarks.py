@@ -57,3 +57,46 @@ def test_every_run_of_the_recipe_study_is_a_valid_config():
     for r in study["runs"]:
         cfg = build_config(study["base"]["preset"], overrides_of(study, r))
         assert cfg.probe.test_images == 5000 and cfg.optim.steps % cfg.probe.every == 0
+
+
+def test_gpu_check_runs_its_parts_on_a_cpu(tmp_path):
+    """What benchmarks/gpu_check.py measures, at a small size on the CPU: one bf16-autocast step of the
+    vit-b architecture (CAPI's RoPE, drop path) at batch 2, the attention-kernel probe, and the 224-px
+    JPEG pipeline from a generated ImageNet-like folder through the importer to normalised batches."""
+    import torch
+
+    import gpu_check
+
+    cpu = torch.device("cpu")
+    versions = gpu_check.versions(cpu)
+    assert versions["torch"] == torch.__version__ and versions["device"] == "cpu"
+    threads = torch.get_num_threads()
+    try:  # one thread: two OpenMP threads on a shared 2-core machine took 1 to 25 s for this step
+        step = gpu_check.step_check(cpu, batch=2, steps=1, warmup=0, peak_flops=1e12, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert step["preset"] == "vit-b" and step["precision"] == "bf16" and step["images_per_s"] > 0
+    assert 100 < step["model_gflop_per_step"] < 1000 and step["mfu"] > 0
+    assert all(ops for ops in step["attention_kernels"].values())
+    imported = gpu_check.imagenet_like(tmp_path / "folder", tmp_path / "ds", images=12)
+    assert imported["import_images_per_s"] > 0 and len(list((tmp_path / "folder").glob("*/*.JPEG"))) == 12
+    feed = gpu_check.data_check(tmp_path / "ds", cpu, batch=4, batches=2, workers=1)
+    assert feed["feed_cpu_images_per_s"] > 0 and "feed_cuda_images_per_s" not in feed
+    rows = dict(gpu_check.table({"versions": versions, "peak_bf16_tflops": 1.0, "step": step, "data": feed,
+                                 "import": imported, "ray": {"skipped": "Ray is not installed here (ray)"}}))
+    assert "MFU" in rows["vit-b step, batch 2"] and "x the step" in rows["data feed, decode cpu"]
+
+
+def test_data_throughput_measures_import_and_decode_scaling(tmp_path):
+    import data_throughput
+    from make_imagenet_like import make_folder
+
+    made = make_folder(tmp_path / "f", 16, classes=2)
+    assert 20 < made["mean_kb"] < 200  # photo-like JPEGs of ~500x375
+    one = data_throughput.import_rate(tmp_path / "f", tmp_path / "one", 1)
+    two = data_throughput.import_rate(tmp_path / "f", tmp_path / "two", 2)
+    assert one["images"] == two["images"] == 16 and one["stored_mb"] == two["stored_mb"]
+    decode = data_throughput.decode_rate(tmp_path / "two", 2, img_size=64, batch=4, batches=2)
+    assert decode["processes"] == 2 and decode["images_per_s"] > 0 and decode["images_per_cpu_s"] > 0
+    plan = data_throughput.imagenet_plan(per_process=100.0, scaling=0.9, cores=64)
+    assert plan["images_per_s"] == pytest.approx(5760) and plan["minutes"] == pytest.approx(1_281_167 / 5760 / 60)
