@@ -163,7 +163,7 @@ class DataConfig(_Strict):
     loader_workers: int = Field(1, ge=0, description="decode/augment processes per training process")
     decode: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where images are decoded: loader processes (cpu), or the training GPU with nvJPEG "
-                            "(cuda); auto: cuda when training on CUDA"
+                            "(cuda); auto: cuda when training on CUDA from a JPEG dataset"
     )
 
     @model_validator(mode="after")

@@ -322,6 +322,16 @@ def test_decoding_in_the_training_process_gives_the_loader_processes_batches(pho
         train_batches(cfg_for(photos, decode="cuda"), 16, 4)
 
 
+def test_auto_decodes_on_the_gpu_only_for_jpeg_datasets_on_cuda(photos, numbered):
+    from capi_core.data.reader import resolve_decode
+
+    jpegs, pngs = load_manifest(photos), load_manifest(numbered[0])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU needed for the rule
+    assert resolve_decode("auto", cuda, jpegs) == "cuda" and resolve_decode("auto", cpu, jpegs) == "cpu"
+    assert resolve_decode("auto", cuda, pngs) == "cpu"  # IDX imports store PNG: the loader processes decode them
+    assert resolve_decode("cpu", cuda, jpegs) == "cpu" and resolve_decode("cuda", cuda, pngs) == "cuda"
+
+
 def test_format_1_datasets_still_read(tmp_path):
     """A dataset written before images kept their own sizes: no height/width columns, one image_size."""
     import hashlib

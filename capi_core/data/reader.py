@@ -18,7 +18,8 @@ Training order and augmentation are pure functions of ``(seed, epoch, sample ind
 - Where decoding runs (``DataConfig.decode``): ``"cpu"``, in the loader processes; ``"cuda"``, the
   loader processes only read the bytes and draw the boxes, and the training process decodes the whole
   batch with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and crops on the GPU; ``"auto"``
-  is ``"cuda"`` when training on a CUDA device. The decoder is part of the function: CPU and GPU
+  is ``"cuda"`` when training on a CUDA device from JPEGs (``resolve_decode``). The decoder is part
+  of the function: CPU and GPU
   decoding of a JPEG differ by IDCT rounding, so a run resumes exactly under the same ``decode``.
 - Batches travel as uint8 and are normalised (``(x / 255 - mean) / std``, float32) on the training
   device, a quarter of the bytes of float32 batches between processes and to the GPU.
@@ -224,10 +225,13 @@ def decode_on_device(batch: EncodedBatch, size: int, channels: int, device: torc
     return out.permute(0, 3, 1, 2)
 
 
-def resolve_decode(decode: str, device: torch.device) -> str:
-    """``DataConfig.decode`` for a run on ``device``: "auto" is "cuda" on CUDA devices, else "cpu"."""
+def resolve_decode(decode: str, device: torch.device, manifest: Manifest) -> str:
+    """``DataConfig.decode`` for a run on ``device``. ``"auto"`` is ``"cuda"`` where it helps: training on a
+    CUDA device from a dataset of JPEGs (an image-folder import); PNG datasets (IDX imports) and CPU
+    runs decode in the loader processes."""
     if decode == "auto":
-        return "cuda" if device.type == "cuda" else "cpu"
+        jpeg = bool(manifest.encodings) and all(kind.startswith("jpeg") for kind in manifest.encodings)
+        return "cuda" if device.type == "cuda" and jpeg else "cpu"
     if decode == "cuda" and device.type != "cuda":
         raise ValueError(f"data.decode 'cuda' needs training on a CUDA device, not {device}")
     return decode
@@ -347,9 +351,9 @@ def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     device = torch.device(device)
-    decode = resolve_decode(cfg.decode, device)
-    dataset = TrainBatches(resolve_dataset(cfg.dataset, cfg.cache_dir), cfg, img_size, batch_size, rank,
-                           world_size, seed, encoded=decode != "cpu")
+    dataset_dir = resolve_dataset(cfg.dataset, cfg.cache_dir)
+    decode = resolve_decode(cfg.decode, device, load_manifest(dataset_dir))
+    dataset = TrainBatches(dataset_dir, cfg, img_size, batch_size, rank, world_size, seed, encoded=decode != "cpu")
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Steps(start_step),
                                          num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
     return _on_device(iter(loader), dataset.manifest, img_size, device)
