@@ -119,3 +119,35 @@ def test_sweep_submitted_with_a_token_runs_a_trial_on_each_node_and_tracks_to_ml
     assert len(node_ids) == 2 and sorted(node_ids.values()) == [False, True]
     assert len(workers) == 2, [(w.actor_id, w.state, w.node_id) for w in workers]
     assert {w.node_id for w in workers} == set(node_ids)
+
+
+def test_image_folder_import_runs_as_ray_tasks_on_both_nodes(cluster, tmp_path):
+    """``capi data import imagefolder --address``: the shards are Ray tasks spread over the cluster's
+    nodes (here both see one file system), the driver writes the manifest."""
+    import numpy as np
+    from PIL import Image
+
+    from capi_core.data import verify_dataset
+
+    nodes, token, _ = cluster
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), np.uint8)).save(root / f"c{i % 2}" / f"{i}.jpg")
+    env = node_env(Path(nodes.env["HOME"]), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=nodes.env["RAY_AUTH_TOKEN_PATH"])
+    result = subprocess.run([str(CAPI), "data", "import", "imagefolder", str(root), "--out", str(tmp_path / "ds"),
+                             "--shard-rows", "2", "--address", f"127.0.0.1:{nodes.gcs_port}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    manifest = verify_dataset(tmp_path / "ds")
+    assert manifest.splits == {"train": 16} and manifest.encodings == {"jpeg-source": 16}
+
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    state = StateApiClient(nodes.dashboard, headers={"Authorization": f"Bearer {token}"})
+    tasks = state.list(StateResource.TASKS, ListApiOptions(filters=[("func_or_class_name", "=", "import_shard")],
+                                                           detail=True), raise_on_missing_output=True)
+    assert len(tasks) == 8 and {t.state for t in tasks} == {"FINISHED"}
+    assert len({t.node_id for t in tasks}) == 2  # both nodes imported shards
