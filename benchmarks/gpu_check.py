@@ -146,7 +146,8 @@ def ray_check(device: torch.device, batch: int, steps: int, dataset: str, preset
     try:
         import ray  # noqa: F401
 
-        from orchestrator.train import ScalingOptions, init_local_ray, run_distributed
+        from orchestrator.cluster import init_local_ray
+        from orchestrator.train import ScalingOptions, run_distributed
         from ray_overhead import steady_images_per_s
     except ImportError as err:
         return {"skipped": f"Ray is not installed here ({err.name})"}

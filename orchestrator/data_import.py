@@ -4,8 +4,8 @@
 ``capi_core.data.imagefolder.import_imagefolder`` in place of its process pool. The driver plans the
 shards, keeps the lock and writes the manifest; the tasks read the images and write their shards and
 records, so the image folder and the output directory must be the same paths on every node (a shared
-file system), and the nodes must have this project installed (the cluster image does). Tasks ask for
-one CPU each, so Ray runs as many at once as the cluster has CPUs.
+file system). The driver ships this project's packages to the workers (``orchestrator.cluster``).
+Tasks ask for one CPU each, so Ray runs as many at once as the cluster has CPUs.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import ray
+
+from orchestrator.cluster import join_cluster
+
 
 def ray_runner(address: str | None) -> Callable[[Callable[[Any], Any], Sequence[Any]], Iterator[tuple[Any, int]]]:
-    """A runner (``imagefolder.Runner``) over Ray: connects to ``address`` unless Ray is already up."""
+    """A runner (``imagefolder.Runner``) over Ray: joins the cluster at ``address`` (shipping this project's
+    packages to its workers) unless Ray is already up."""
 
     def run(fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[tuple[Any, int]]:
-        import ray
-
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            join_cluster(address or "auto")
         remote = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(fn)
         pending = {remote.remote(task): len(task.files) for task in tasks}
         done = 0

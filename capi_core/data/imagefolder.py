@@ -49,23 +49,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
 from capi_core.data import images
-from capi_core.data.format import (
-    FORMAT_VERSION,
-    MANIFEST,
-    DatasetError,
-    Manifest,
-    PixelStats,
-    ShardInfo,
-    ShardRows,
-    Skipped,
-    atomic_write,
-    encode_png,
-    write_manifest,
-)
+from capi_core.atomic import atomic_write_text
+from capi_core.data.format import (FORMAT_VERSION, MANIFEST, DatasetError, Manifest, PixelStats, ShardInfo, ShardRows,
+                                   Skipped, encode_png, write_manifest)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SHARD_ROWS = 1024  # ~30 MB of 256-px JPEGs, ~100 MB of ImageNet originals: a few per shuffle window
@@ -152,12 +144,8 @@ _counter = None  # per process: a shared count of files done, for progress betwe
 def _init_worker(counter) -> None:
     global _counter
     _counter = counter
-    try:  # one thread per process: the processes are the parallelism
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    torch.set_num_threads(1)  # one thread per process: the processes are the parallelism (and a forked
+    # OpenMP pool would hang)
 
 
 def _tick() -> None:
@@ -207,8 +195,6 @@ def process_runner(workers: int | None = None) -> Runner:
 def store_image(path: Path, mode: str, max_short_side: int | None, quality: int,
                 lossless: bool) -> tuple[bytes, Tensor, str]:
     """(stored bytes, stored pixels uint8 [C, H, W], how it was stored) for one source image."""
-    from PIL import Image
-
     channels = 1 if mode == "L" else 3
     try:
         data = path.read_bytes()
@@ -282,7 +268,7 @@ def import_shard(task: ShardTask) -> ShardRecord:
                              count=stats.count, sum=stats.sum.tolist(), sumsq=stats.sumsq.tolist(),
                              size=next(iter(sizes)) if len(sizes) == 1 else None, encodings=dict(encodings),
                              skipped=skipped)
-        atomic_write(record_path(out, task.name), lambda tmp: tmp.write_text(record.model_dump_json()))
+        atomic_write_text(record_path(out, task.name), record.model_dump_json())
     except OSError as err:
         raise DatasetError(f"cannot write shard {out / task.name}.parquet: {err}") from None
     return record
@@ -290,8 +276,6 @@ def import_shard(task: ShardTask) -> ShardRecord:
 
 def scan_headers(task: ScanTask) -> tuple[int, int]:
     """(grey headers, readable headers) among ``task.files``."""
-    from PIL import Image
-
     grey = readable = 0
     for rel in task.files:
         try:
@@ -461,7 +445,7 @@ def _load_or_make_plan(out: Path, options: dict, class_names: list[str], splits:
         chosen = "L" if options["mode"] == "grey" else "RGB"
     plan = {"options": options, "class_names": class_names, "mode": chosen,
             "shards": {split: math.ceil(len(members) / options["shard_rows"]) for split, members in splits.items()}}
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(plan, indent=1)))
+    atomic_write_text(path, json.dumps(plan, indent=1))
     return plan
 
 

@@ -20,7 +20,9 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
@@ -34,9 +36,7 @@ def is_jpeg(blob: bytes) -> bool:
     return blob[:2] == JPEG_MAGIC
 
 
-def read_mode(channels: int):
-    from torchvision.io import ImageReadMode
-
+def read_mode(channels: int) -> ImageReadMode:
     return ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
 
 
@@ -45,8 +45,6 @@ def decode(blob: bytes, channels: int) -> Tensor:
 
     Raises ``RuntimeError`` (torchvision) or ``OSError`` (PIL) on a truncated or corrupt image.
     """
-    from torchvision.io import decode_jpeg, decode_png
-
     data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     if is_jpeg(blob):
         return decode_jpeg(data, mode=read_mode(channels))
@@ -55,9 +53,7 @@ def decode(blob: bytes, channels: int) -> Tensor:
     return pil_to_tensor(pil_open(blob), channels)
 
 
-def pil_open(blob: bytes):
-    from PIL import Image
-
+def pil_open(blob: bytes) -> Image.Image:
     return Image.open(io.BytesIO(blob))
 
 
@@ -127,8 +123,6 @@ def histogram(pixels: Tensor) -> np.ndarray:
 
 def encode_jpeg(pixels: Tensor, quality: int) -> bytes:
     """uint8 ``[C, H, W]`` (C = 1 or 3) -> JPEG bytes (libjpeg-turbo via PIL, 4:2:0 chroma for RGB)."""
-    from PIL import Image
-
     array = hwc(pixels)
     buf = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buf, format="JPEG", quality=quality)

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.io import decode_jpeg
 
 from capi_core.config import DataConfig
 from capi_core.data import images, resolve_dataset
@@ -211,8 +212,6 @@ class EncodedBatch:
 def decode_on_device(batch: EncodedBatch, size: int, channels: int, device: torch.device) -> Tensor:
     """uint8 ``[B, channels, size, size]`` on ``device``: JPEGs decoded there as one batch (nvJPEG on
     CUDA), other images on the CPU and moved; then each box cropped and resized on ``device``."""
-    from torchvision.io import decode_jpeg
-
     blobs = batch.blobs()
     is_jpeg = [images.is_jpeg(bytes(b[:2].tolist())) for b in blobs]
     jpegs = [b for b, j in zip(blobs, is_jpeg) if j]
