@@ -5,7 +5,8 @@
 shards, keeps the lock and writes the manifest; the tasks read the images and write their shards and
 records, so the image folder and the output directory must be the same paths on every node (a shared
 file system). The driver ships this project's packages to the workers (``orchestrator.cluster``).
-Tasks ask for one CPU each, so Ray runs as many at once as the cluster has CPUs.
+Tasks ask for one CPU each and are spread over the nodes, so Ray runs as many at once as the cluster
+has CPUs and every node's storage bandwidth is used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def ray_runner(address: str | None) -> Callable[[Callable[[Any], Any], Sequence[
     def run(fn: Callable[[Any], Any], tasks: Sequence[Any]) -> Iterator[tuple[Any, int]]:
         if not ray.is_initialized():
             join_cluster(address or "auto")
-        remote = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(fn)
+        # SPREAD: every node reads and writes its share, rather than the first to start taking them all.
+        remote = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False, scheduling_strategy="SPREAD")(fn)
         pending = {remote.remote(task): len(task.files) for task in tasks}
         done = 0
         try:
