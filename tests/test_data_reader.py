@@ -17,7 +17,6 @@ from capi_core.data.reader import (
     EncodedBatch,
     TrainBatches,
     crop,
-    crop_batch,
     crop_boxes,
     decode_augment,
     decode_on_device,

@@ -54,8 +54,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from capi_core.data import images
 from capi_core.atomic import atomic_write_text
+from capi_core.data import images
 from capi_core.data.format import (FORMAT_VERSION, MANIFEST, DatasetError, Manifest, PixelStats, ShardInfo, ShardRows,
                                    Skipped, encode_png, write_manifest)
 
