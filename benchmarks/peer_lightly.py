@@ -22,7 +22,7 @@ The same in both: image size, patch, width, depth, heads, MLP ratio, registers (
 depth and heads, K, the temperatures (SK input 0.06, student and clustering 0.12), 3 Sinkhorn
 iterations, position-wise SK over the full grid before selecting the predicted positions, inverse-block
 masks with roll and the same aspect range, the same numbers of visible and predicted tokens, the
-precision (our trainer's choice, e.g. fp32 on a CPU without AMX: ``capi_core.train.use_bf16``), the
+precision (our trainer's choice, e.g. fp32 on a CPU without AMX: ``capi_core.precision.choose_precision``), the
 device, torch's threads and the process-wide flush-to-zero that our Trainer turns on for CPUs (so
 lightly's step also runs without subnormal slow-downs, which a plain lightly script would not get).
 

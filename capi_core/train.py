@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_checkpoint_step, is_probe_step
-from capi_core.config import ModelConfig, TrainConfig
+from capi_core.config import TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
@@ -81,11 +81,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
-
-
-def use_bf16(precision: str, device: torch.device, model: ModelConfig, cache_dir: Path | None = None) -> bool:
-    """Whether to autocast to bf16: ``run.precision`` if explicit, else measured (``capi_core.precision``)."""
-    return choose_precision(precision, device, model, cache_dir).dtype == "bf16"
 
 
 def cpu_has_amx() -> bool:

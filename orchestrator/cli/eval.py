@@ -69,7 +69,8 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
 
     from capi_core.checkpoint import CheckpointError, load_student
     from capi_core.models.student import Student
-    from capi_core.train import pick_device, use_bf16
+    from capi_core.precision import choose_precision
+    from capi_core.train import pick_device
 
     try:
         model, config = load_student(checkpoint, which=which)
@@ -82,7 +83,8 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
         dev = pick_device(device)
     except RuntimeError as err:
         raise click.UsageError(str(err)) from None
-    return model.to(dev), config, torch.bfloat16 if use_bf16(precision, dev, config.model) else None
+    choice = choose_precision(precision, dev, config.model, config.data.cache_dir)
+    return model.to(dev), config, choice.autocast_dtype
 
 
 def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: int, seed: int):
