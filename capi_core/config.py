@@ -192,7 +192,7 @@ class RunConfig(_Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA and on CPUs with AMX, else fp32 (bf16 is slower without AMX)"
+        "auto", description="auto: bf16 autocast on CUDA; on a CPU, whichever of bf16 and fp32 a short timing of the step's own shapes finds faster (capi_core.precision, cached per machine)"
     )
     compile: bool = False
     log_every: int = Field(10, ge=1)

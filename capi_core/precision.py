@@ -6,7 +6,8 @@ while on an AVX-512 Xeon without avx512_bf16 a bf16 matmul ran at about half the
 ``auto`` times the step's own shapes (its linear layers and its attention, forward) in both
 precisions for a fraction of a second, picks the faster, and caches the decision per machine (CPU
 model, CPU flags, torch version, thread count) and shape under ``<cache>/precision/``: later runs,
-sweep trials and Ray workers on the same machine read it instead of measuring again. On CUDA,
+sweep trials and Ray workers on the same machine read it instead of measuring again (a decision
+measured on a busy machine is measured again once the machine is quiet, see ``trusted``). On CUDA,
 ``auto`` is bf16 without measuring (every GPU this project targets has bf16 tensor cores).
 Explicit ``fp32`` / ``bf16`` are never overridden.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +30,7 @@ from capi_core.atomic import atomic_write
 from capi_core.config import ModelConfig
 from capi_core.data import cache_root
 
-PROBE_VERSION = 1  # bump when the probe's workload changes, so older decisions are measured again
+PROBE_VERSION = 2  # bump when the probe or its record changes, so older decisions are measured again (2: the load)
 MAX_ROWS = 2048  # token rows in the timed matmuls: enough for the kernels to reach their steady rate
 PROBE_FLOPS = 2 * 10**9  # linear-layer FLOPs per timed pass: ~10 ms at 0.2 TFLOP/s
 REPEATS = 3  # timed repetitions per precision; the fastest counts (the least disturbed by other load)
@@ -114,13 +116,33 @@ def choose_precision(precision: str, device: torch.device, model: ModelConfig,
     if device.type == "cuda":
         return PrecisionChoice("bf16", "cuda")
     path = cache_root(cache_dir) / "precision" / f"{machine_key(model, torch.get_num_threads())}.json"
+    load_now = load_average()
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         record = json.loads(path.read_text())
-        return PrecisionChoice(record["dtype"], "measured", float(record["fp32_gflops"]),
-                               float(record["bf16_gflops"]), cached=True)
+        if trusted(record, load_now, os.cpu_count() or 1):
+            return PrecisionChoice(record["dtype"], "measured", float(record["fp32_gflops"]),
+                                   float(record["bf16_gflops"]), cached=True)
     fp32, bf16 = probe_rates(model)
     choice = PrecisionChoice("bf16" if bf16 > fp32 else "fp32", "measured", fp32, bf16)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in asdict(choice).items() if k not in ("cached", "reason")}
+    record["load"] = load_now
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record)))
     return choice
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (0 where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def trusted(record: dict, load_now: float, cpus: int) -> bool:
+    """Whether a cached decision stands. One measured while the machine was busy (a 1-minute load
+    average above its core count) is provisional: it is measured again once the machine is quieter,
+    because other processes skew the two rates unequally (seen here: 29 against 25 GFLOP/s at load 6,
+    278 against 119 on the same machine when quiet). Records without a load predate this rule and stand."""
+    load = float(record.get("load", 0.0))
+    return load <= cpus or load_now >= cpus

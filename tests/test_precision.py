@@ -7,7 +7,7 @@ import torch
 
 from capi_core import precision
 from capi_core.config import build_config
-from capi_core.precision import choose_precision, machine_key
+from capi_core.precision import choose_precision, machine_key, trusted
 from capi_core.train import Trainer
 
 CPU = torch.device("cpu")
@@ -28,6 +28,7 @@ def test_explicit_precision_is_never_overridden(tmp_path, monkeypatch):
 @pytest.mark.parametrize("rates, expected", [((50.0, 120.0), "bf16"), ((120.0, 50.0), "fp32")])
 def test_auto_picks_the_faster_and_caches_it(tmp_path, monkeypatch, rates, expected):
     model = build_config("cpu-tiny").model
+    monkeypatch.setattr(precision, "load_average", lambda: 0.5)  # a quiet machine: the decision is kept
     calls = []
     monkeypatch.setattr(precision, "probe_rates", lambda m: calls.append(m) or rates)
     first = choose_precision("auto", CPU, model, tmp_path)
@@ -77,3 +78,26 @@ def test_both_precisions_train_the_tiny_preset_to_the_same_loss(tiny_dataset, tm
         losses[dtype] = trainer.fit()["train/capi_loss"]
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.1)
     assert losses["bf16"] != losses["fp32"]  # bf16 really ran
+
+
+def test_a_decision_measured_on_a_busy_machine_is_measured_again_when_quiet(tmp_path, monkeypatch):
+    model = build_config("cpu-tiny").model
+    cpus = precision.os.cpu_count() or 1
+    calls = []
+    monkeypatch.setattr(precision, "probe_rates", lambda m: calls.append(m) or (1.0, 2.0))
+    monkeypatch.setattr(precision, "load_average", lambda: 3.0 * cpus)
+    choose_precision("auto", CPU, model, tmp_path)
+    assert choose_precision("auto", CPU, model, tmp_path).cached  # still busy: nothing better to measure
+    monkeypatch.setattr(precision, "load_average", lambda: 0.0)
+    again = choose_precision("auto", CPU, model, tmp_path)
+    assert not again.cached and len(calls) == 2
+    assert choose_precision("auto", CPU, model, tmp_path).cached  # the quiet measurement stands
+    assert len(calls) == 2
+
+
+def test_which_cached_decisions_stand():
+    assert trusted({"load": 1.0}, load_now=0.0, cpus=2)  # measured quiet
+    assert trusted({"load": 2.0}, load_now=0.0, cpus=2)
+    assert not trusted({"load": 5.0}, load_now=0.5, cpus=2)  # measured busy, quiet now
+    assert trusted({"load": 5.0}, load_now=4.0, cpus=2)  # busy then and now
+    assert trusted({}, load_now=0.0, cpus=2)
