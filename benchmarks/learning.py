@@ -41,7 +41,7 @@ from run_all import machine  # noqa: E402
 from capi_core.config import build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
-from capi_core.eval.knn import knn_top1  # noqa: E402
+from capi_core.eval.knn import knn_predict, knn_top1  # noqa: E402
 from capi_core.eval.online_probe import load_probe_set, random_init_encoder  # noqa: E402
 from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
@@ -115,7 +115,7 @@ def raw_pixels_knn(cfg) -> float:
 
 def demo(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, curve, wall = train(args.preset, args.overrides, Path(tmp))
+        trainer, curve, wall = train(args.preset, args.overrides, Path(args.keep or tmp))
     cfg, autocast = trainer.config, trainer.autocast_dtype
     print(f"trained in {wall / 60:.1f} min ({curve.train_s / 60:.1f} training, {curve.probe_s / 60:.1f} probing); "
           f"scoring on the full test set", flush=True)
@@ -134,12 +134,52 @@ def demo(args) -> dict:
             "curve": curve.points, "trained": trained, "random_init": untrained, "raw_pixels_knn": pixels}
 
 
+# Probe sets the noise runs also score their final teacher on, to split the spread over seeds into
+# what more query images would remove and what training itself varies: (memory images, query images).
+NOISE_PROBES = ((5_000, 5_000), (10_000, 10_000), (20_000, 10_000), (None, None))
+
+
+def _correct(encoder, cfg, autocast, train_images, test_images) -> list[bool]:
+    """Per query: does the weighted k-NN of ``encoder`` on this probe set get it right?"""
+    ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
+    ps = load_probe_set(ds, cfg.model.img_size, train_images, test_images, seed=0)
+    f_train = pooled_features(encoder, ps.train_x, batch_size=1024, autocast_dtype=autocast)
+    f_test = pooled_features(encoder, ps.test_x, batch_size=1024, autocast_dtype=autocast)
+    pred = knn_predict(f_train, ps.train_y, f_test, k=cfg.probe.k, temperature=cfg.probe.temperature)
+    return (pred == ps.test_y).tolist()
+
+
+def _probe_name(train_images, test_images) -> str:
+    return "full" if train_images is None else f"{train_images // 1000}k/{test_images // 1000}k"
+
+
 def _noise_run(preset: str, overrides: list[str], seed: int) -> dict:
     torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
-        _, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
+        trainer, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
+    correct = {_probe_name(*p): _correct(trainer.teacher.encoder, trainer.config, trainer.autocast_dtype, *p)
+               for p in NOISE_PROBES}
     return {"seed": seed, "wall_s": round(wall, 1), "probe_share": round(curve.probe_s / wall, 3),
-            **curve.points[-1]}
+            **curve.points[-1], "correct": correct}
+
+
+def split_noise(correct: list[list[bool]]) -> dict[str, float]:
+    """The spread over seeds of one probe set's top-1 and the part of it that is query sampling.
+
+    ``correct`` is [seeds][queries]. Two runs' scores differ by (b - c) / n, where b and c count the
+    queries only one of them gets right; if which of those discordant queries each run wins were a coin
+    toss, the difference would have variance (b + c) / n^2, i.e. each run a variance of (b + c) / (2 n^2):
+    the part that more queries would shrink as 1/n. What is left of the spread is training itself.
+    """
+    t = torch.tensor(correct, dtype=torch.float64)  # [S, n]
+    seeds, n = t.shape
+    top1 = 100 * t.mean(1)
+    pairs = [(i, j) for i in range(seeds) for j in range(i + 1, seeds)]
+    discordant = statistics.mean(float((t[i] != t[j]).sum()) for i, j in pairs)
+    sampling = 100 * (discordant / (2 * n * n)) ** 0.5
+    std = float(top1.std())
+    return {"queries": n, "mean": float(top1.mean()), "std": std, "sampling_std": sampling,
+            "training_std": max(std ** 2 - sampling ** 2, 0.0) ** 0.5}
 
 
 def noise(args) -> dict:
@@ -152,7 +192,16 @@ def noise(args) -> dict:
     gain = [r["probe/knn_gain"] for r in runs]
     summary = {"knn_top1_mean": statistics.mean(top1), "knn_top1_std": statistics.stdev(top1),
                "knn_gain_mean": statistics.mean(gain), "knn_gain_std": statistics.stdev(gain),
-               "probe_share_max": max(r["probe_share"] for r in runs)}
+               "probe_share_max": max(r["probe_share"] for r in runs),
+               "final_teacher": {name: split_noise([r["correct"][name] for r in runs])
+                                 for name in runs[0]["correct"]}}
+    for r in runs:
+        del r["correct"]
+    print(f"\nthe final teacher on other probe sets (memory/queries): top-1 mean, std over seeds, and its "
+          f"parts (query sampling, training)")
+    for name, f in summary["final_teacher"].items():
+        print(f"  {name:>8}  {f['mean']:6.2f}  std {f['std']:.2f}  sampling {f['sampling_std']:.2f}  "
+              f"training {f['training_std']:.2f}")
     print(f"\nprobe/knn_top1 over {args.seeds} seeds: {summary['knn_top1_mean']:.2f} +- "
           f"{summary['knn_top1_std']:.2f} (std); gain {summary['knn_gain_mean']:+.2f} +- "
           f"{summary['knn_gain_std']:.2f}; the probe took at most {100 * summary['probe_share_max']:.1f} % of a run")
@@ -168,6 +217,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="noise: runs at a time, each in its own process")
     parser.add_argument("--attentive-train", type=int, default=10_000,
                         help="demo: train images for the attentive probe (0: skip it)")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="demo: train into DIR and keep its checkpoints (default: a temporary directory)")
     parser.add_argument("--name", default=None, help="results file name (default: what and preset)")
     args = parser.parse_intermixed_args()
     figures = demo(args) if args.what == "demo" else noise(args)
