@@ -8,6 +8,7 @@ workers run the same ``capi_core`` and ``orchestrator`` as the driver, whatever 
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -25,10 +26,25 @@ def init_local_ray(**options) -> None:
 
     The dashboard stays on, although it costs ~2 % of a core: it serves the State API that Train's
     placement-group cleaner asks about the controller (without it that actor warns every few seconds).
+    That cleaner finds the State API by auto-detecting "the" local Ray, which fails when a second Ray
+    runs on the machine (another sweep, a test, a user's `ray start`): seen here, every cleaner died
+    with "Found multiple active Ray instances", finished trials kept their CPUs, and the next trials
+    timed out waiting for a worker. So the dashboard gets a port chosen here, and Ray's processes are
+    told it (``RAY_API_SERVER_ADDRESS``, which Ray's State and Jobs clients read before detecting).
     """
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
-    ray.init(dashboard_host="127.0.0.1", **options)
+    port = options.pop("dashboard_port", None) or free_port()
+    # Set, not setdefault: it names this process's own Ray, so one left by an earlier Ray is stale.
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(dashboard_host="127.0.0.1", dashboard_port=port, **options)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def join_cluster(address: str) -> None:
