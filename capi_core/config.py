@@ -314,7 +314,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-# The cpu-demo recipe for about an hour on 2 cores: 4x the steps, probed 8 times.
+# The cpu-demo recipe for about 45 minutes on 2 cores (measured: 43 min of training, 86.2 % k-NN and
+# 88.1 % attentive on the full test set, README): 4x the steps, probed 8 times.
 PRESETS["cpu-long"] = _merge(PRESETS["cpu-demo"], {"optim": {"steps": 40_000}, "probe": {"every": 5000}})
 
 
