@@ -31,6 +31,7 @@ from capi_core.config import TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
+from capi_core.errors import CapiError
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
@@ -41,7 +42,7 @@ from capi_core.schedules import Schedules, ema_update_
 from capi_core.sinkhorn import sinkhorn_knopp
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CapiError, RuntimeError):
     """Training produced non-finite losses several checks in a row."""
 
 
@@ -356,20 +357,26 @@ class Trainer:
             cb.on_checkpoint(self, self.step, path, metrics)
 
     def _resume(self, resume: Path | str) -> None:
-        target = ckpt.find_checkpoint(Path(resume))  # a checkpoint, or a run directory's latest
+        target = ckpt.resume_checkpoint(Path(resume))  # a checkpoint, or a run directory's newest
         if target is None:
             return
         tensors, state = ckpt.load_checkpoint(target)
-        saved = TrainConfig.model_validate(state["config"])
+        saved = ckpt.check_state(state, target / ckpt.STATE, resume=True)
         if saved.model != self.config.model or saved.clustering.num_clusters != self.config.clustering.num_clusters:
             raise ckpt.CheckpointError(f"{target} was written for a different model configuration")
-        self.student.load_state_dict(ckpt.split_prefix(tensors, "student."))
-        self.teacher.load_state_dict(ckpt.split_prefix(tensors, "teacher."))
-        self.clustering_head.load_state_dict(ckpt.split_prefix(tensors, "clustering."))
-        ckpt.optimizer_from_flat(self.optimizer, tensors, state["optim"]["main"], "optim.main.")
-        ckpt.optimizer_from_flat(self.clustering_optimizer, tensors, state["optim"]["clustering"], "optim.clustering.")
-        torch.set_rng_state(tensors["rng.torch_cpu"])
-        self.step = int(state["step"])
+        parts = {"student.": self.student, "teacher.": self.teacher, "clustering.": self.clustering_head}
+        for prefix, module in parts.items():
+            ckpt.check_matches(module, ckpt.split_prefix(tensors, prefix), target / ckpt.WEIGHTS)
+        for prefix, module in parts.items():
+            module.load_state_dict(ckpt.split_prefix(tensors, prefix))
+        try:
+            ckpt.optimizer_from_flat(self.optimizer, tensors, state["optim"]["main"], "optim.main.")
+            ckpt.optimizer_from_flat(self.clustering_optimizer, tensors, state["optim"]["clustering"],
+                                     "optim.clustering.")
+            torch.set_rng_state(tensors["rng.torch_cpu"])
+        except (KeyError, ValueError, RuntimeError) as err:  # torch's own words for a mismatched state
+            raise ckpt.CheckpointError(f"{target}: the optimiser or RNG state does not fit this run: "
+                                       f"{type(err).__name__}: {err}") from None
+        self.step = state["step"]
         self.metadata = {**self.metadata, **state.get("metadata", {})}  # e.g. the saved MLflow run id wins
         self.resumed_from = target
-

@@ -37,6 +37,7 @@ from capi_core.checkpoint import STATE, CheckpointError, find_checkpoint, load_e
 from capi_core.config import TrainConfig, flatten
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
+from capi_core.errors import CapiError
 from orchestrator.tracking import (CHECKPOINT_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG, child_runs,
                                    mlflow_client, safe_uri)
 
@@ -47,7 +48,7 @@ ARTIFACT_DIR = "export"
 ALIAS = "champion"
 
 
-class ExportError(RuntimeError):
+class ExportError(CapiError, RuntimeError):
     """Nothing to export, or the export cannot be written; the message says which run or file."""
 
 

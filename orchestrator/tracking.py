@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import STATE, list_checkpoints
 from capi_core.config import TrainConfig, flatten
+from capi_core.errors import CapiError
 from capi_core.train import Callback, Trainer
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import YAML_FILE, SweepOutcome, SweepState
@@ -74,8 +75,10 @@ _MAX_BUFFERED = 100_000  # metrics kept for retry while the server is unreachabl
 _PICTURES = ("*.png", "*.jpg", "*.svg", "pictures/**/*.png", "pictures/**/*.jpg", "pictures/**/*.svg")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(CapiError, RuntimeError):
     """The MLflow store cannot be reached or used; the message names the URI and the cause."""
+
+    hint = "start the server, fix --tracking-uri / MLFLOW_TRACKING_URI, or train with --no-tracking"
 
 
 class TrackingOptions(BaseModel):

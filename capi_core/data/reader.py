@@ -304,7 +304,8 @@ class TrainBatches(torch.utils.data.Dataset):
         if i in self._cache:
             self._cache.move_to_end(i)
         else:
-            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=read_columns(self.manifest))
+            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=read_columns(self.manifest),
+                               num_classes=len(self.manifest.class_names))
             self._cache[i] = (table.column("image").to_pylist(), table.column("label").to_numpy(),
                               *shard_columns(self.manifest, table))
             while sum(self.shards[j].bytes for j in self._cache) > 2 * WINDOW_BYTES and len(self._cache) > 1:
@@ -393,7 +394,8 @@ def load_split(dataset_dir: str | Path, split: str, img_size: int, limit: int | 
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     shards = manifest.split_shards(split)
-    tables = [read_shard(dataset_dir / s.file, s, columns=["label"]) for s in shards]
+    tables = [read_shard(dataset_dir / s.file, s, columns=["label"], num_classes=len(manifest.class_names))
+              for s in shards]
     labels = np.concatenate([t.column("label").to_numpy() for t in tables])
     keep = np.arange(len(labels)) if limit is None or limit >= len(labels) else stratified_subset(labels, limit, seed)
     offsets = np.cumsum([0] + [s.rows for s in shards])

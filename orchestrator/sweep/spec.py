@@ -38,11 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from capi_core.cadence import checkpoints_per_run, probe_interval, probes_per_run
 from capi_core.config import (PRESETS, ConfigError, TrainConfig, build_config, describe, dotted, error_message,
                                field_type, load_config, parse_overrides, with_fields)
+from capi_core.errors import CapiError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
-class SweepSpecError(ValueError):
+class SweepSpecError(CapiError, ValueError):
     """A sweep file cannot run; ``problems`` holds one ``file:line: field: message`` string per problem."""
 
     def __init__(self, path: str | Path, problems: list[str]):
