@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from capi_core import bounded_yaml
 from capi_core.errors import CapiError
 
 
@@ -359,7 +360,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not keys:
             raise ConfigError(f"override {item!r} names no field")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = bounded_yaml.safe_load(raw) if raw.strip() else ""
+        except bounded_yaml.YamlLimitError as err:
+            raise ConfigError(f"override {path.strip()}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r} has a value that is not plain YAML: {err}") from None
         node = out
@@ -391,8 +394,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     plus ``a.b=c`` overrides on top."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        data = bounded_yaml.safe_load(bounded_yaml.read_limited(path)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, bounded_yaml.YamlLimitError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping")

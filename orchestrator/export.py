@@ -221,7 +221,11 @@ def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None
                model_name: str | None = None, register: bool = True) -> Exported:
     """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
     client = mlflow_client(uri)
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:  # unknown or malformed id: MLflow's words, shortened to their first line
+        raise ExportError(f"no MLflow run {run_id!r} in {safe_uri(uri)}: {str(err).strip().splitlines()[0][:200]}; "
+                          f"`capi sweep status NAME` lists a sweep's runs") from None
     location = run.data.tags.get(CHECKPOINT_TAG)
     if not location:
         raise ExportError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG}); did it finish?")

@@ -188,9 +188,19 @@ def system_tags(trainer: Trainer) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ runs
+_ANSWERED: set[str] = set()  # servers that answered /health in this process
+
+
 def mlflow_client(uri: str):
     """The ``MlflowClient`` of the store at ``uri``, its model registry included: the one place a
-    client is made, so that every caller talks to the same store the same way."""
+    client is made, so that every caller talks to the same store the same way.
+
+    A server is asked for /health first (once per process, ``check_reachable``'s 5 s timeout): MLflow's
+    own client retries an unreachable server 7 times with backoff over about two minutes before it
+    says anything, and then without naming it."""
+    if urlparse(uri).scheme in ("http", "https") and uri not in _ANSWERED:
+        check_reachable(uri)
+        _ANSWERED.add(uri)
     return MlflowClient(uri, registry_uri=uri)
 
 

@@ -44,6 +44,7 @@ from torchvision.io import decode_jpeg
 from capi_core.config import DataConfig
 from capi_core.data import images, resolve_dataset
 from capi_core.data.format import Manifest, ShardInfo, load_manifest, read_shard
+from capi_core.errors import CapiError
 
 RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before falling back to a centre crop
@@ -359,9 +360,25 @@ def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0
     return _on_device(iter(loader), dataset.manifest, img_size, device)
 
 
+def _without_worker_traceback(err: CapiError) -> CapiError:
+    """The error a loader process raised, with its own message: torch re-raises it in the training
+    process as the same type whose message is "Caught ... in DataLoader worker process N" plus the
+    worker's whole traceback, which the CLI would print for what is a plain dataset error."""
+    text, name = str(err), f"{type(err).__module__}.{type(err).__qualname__}: "
+    if "Original Traceback" not in text or name not in text:
+        return err
+    return type(err)(text[text.rindex(name) + len(name):].strip())
+
+
 def _on_device(loader: Iterator, manifest: Manifest, img_size: int,
                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    for item in loader:
+    while True:
+        try:
+            item = next(loader)
+        except StopIteration:
+            return
+        except CapiError as err:
+            raise _without_worker_traceback(err) from None
         if isinstance(item, EncodedBatch):
             x, labels = decode_on_device(item, img_size, manifest.channels, device), item.labels
         else:

@@ -76,10 +76,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
     if random_init:
         torch.manual_seed(seed)
         model = Student(config).eval()
-    try:
-        dev = pick_device(device)
-    except RuntimeError as err:
-        raise click.UsageError(str(err)) from None
+    dev = pick_device(device)
     choice = choose_precision(precision, dev, config.model, config.data.cache_dir)
     return model.to(dev), config, choice.autocast_dtype
 
