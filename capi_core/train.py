@@ -32,10 +32,10 @@ from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
 from capi_core.errors import CapiError
-from capi_core.memory import check_fits
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
+from capi_core.memory import check_fits
 from capi_core.models.heads import ClusteringHead
 from capi_core.models.student import Student, param_groups
 from capi_core.precision import choose_precision
