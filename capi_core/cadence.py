@@ -18,6 +18,15 @@ import math
 from capi_core.config import TrainConfig
 
 
+# What the trainer logs at a probe step (``Trainer._metrics`` and ``Trainer.probe``): the reports Tune
+# receives, so the only metrics a sweep can rank trials on. tests/test_train.py checks a real run's.
+REPORTED_METRICS = (
+    "train/capi_loss", "train/clustering_loss", "train/target_entropy", "train/clusters_used",
+    "train/cluster_perplexity", "train/lr", "train/momentum", "train/mask_ratio", "train/images_per_s",
+    "train/epoch", "probe/knn_top1", "probe/knn_random_init", "probe/knn_gain", "probe/seconds",
+)
+
+
 def probe_interval(config: TrainConfig) -> int:
     """Steps between the trainer's periodic probes; 0 if it probes only at the last step."""
     every = config.probe.every

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from capi_core.atomic import atomic_directory
-from capi_core.config import TrainConfig
+from capi_core.config import TrainConfig, describe
+from capi_core.errors import CapiError
 from capi_core.models.encoder import Encoder
 from capi_core.models.student import Student
 
@@ -27,8 +29,11 @@ STATE = "state.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CapiError, RuntimeError):
     """A checkpoint is missing, corrupt or does not fit the model; the message names the file."""
+
+    hint = ("check the path, or point at another checkpoint; a damaged step-* directory of a run can be "
+            "removed to fall back to the one before it")
 
 
 def checkpoint_name(step: int) -> str:
@@ -47,7 +52,8 @@ def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: di
 
 
 def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a checkpoint directory; raise CheckpointError naming the file that is missing or corrupt."""
+    """Read a checkpoint directory; raise CheckpointError naming the file that is missing or corrupt,
+    the field of ``state.json`` that is wrong, or the tensor that holds NaN or infinity."""
     directory = Path(directory)
     weights, state_file = directory / WEIGHTS, directory / STATE
     for f in (weights, state_file):
@@ -61,9 +67,60 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint file {weights} is corrupt: {err}") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{state_file} has format version {state.get('format_version')}, expected {FORMAT_VERSION}")
+    check_state(state, state_file)
+    check_finite(tensors, weights)
     return tensors, state
+
+
+def check_state(state: Any, state_file: Path, resume: bool = False) -> TrainConfig:
+    """The training config of a parsed ``state.json``, after checking the fields a reader uses (with
+    ``resume``, also the optimiser state a resume loads; an evaluation checkpoint may lack it): each
+    missing or malformed one is named, instead of surfacing later as a KeyError."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{state_file} holds a JSON {type(state).__name__}, not an object")
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{state_file} has format version {state.get('format_version')!r}, "
+                              f"expected {FORMAT_VERSION}")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{state_file}: step must be a non-negative integer, got {step!r}")
+    optim = state.get("optim")
+    for part in ("main", "clustering") if resume else ():
+        groups = optim.get(part, {}).get("param_groups") if isinstance(optim, dict) else None
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise CheckpointError(f"{state_file}: optim.{part}.param_groups is missing or not a list of objects")
+    if not isinstance(state.get("metadata", {}), dict):
+        raise CheckpointError(f"{state_file}: metadata must be an object")
+    if not isinstance(state.get("config"), dict):
+        raise CheckpointError(f"{state_file} holds no training config (field config)")
+    try:
+        return TrainConfig.model_validate(state["config"])
+    except ValidationError as err:
+        raise CheckpointError(f"{state_file} holds no valid training config: {describe(err)}") from None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], weights: Path) -> None:
+    """Refuse weights holding NaN or infinity: they evaluate to chance without a word, and a resumed
+    run would only fail steps later at its first non-finite loss."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise CheckpointError(f"{weights}: tensor {key} holds {bad} non-finite value(s) of {value.numel()}; "
+                                  "the run diverged before this checkpoint")
+
+
+def check_matches(module: torch.nn.Module, weights: dict[str, torch.Tensor], file: Path) -> None:
+    """Raise CheckpointError unless ``weights`` has exactly ``module``'s keys and shapes."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    reshaped = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
+    if missing or unexpected or reshaped:
+        shapes = [f"{k} {tuple(weights[k].shape)} instead of {tuple(expected[k].shape)}" for k in reshaped[:3]]
+        raise CheckpointError(
+            f"{file} does not match the architecture in its config: missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, different shapes {shapes}"
+        )
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -87,9 +144,39 @@ def find_checkpoint(path: Path) -> Path | None:
     return path if (path / STATE).exists() else latest_checkpoint(path)
 
 
+def resume_checkpoint(path: Path) -> Path | None:
+    """What a resume continues from: ``path`` if it is a checkpoint directory (complete or not, so a
+    damaged one is reported, not skipped), else the newest ``step-*`` of the run directory ``path``;
+    None when there is none, and the run starts fresh.
+
+    Checkpoints appear whole by rename (``atomic_directory``) and are deleted by rename first
+    (``prune_checkpoints``), so a newest ``step-*`` missing a file was damaged after it was written.
+    Skipping it would silently restart the run from an older step or from scratch; it is an error."""
+    path = Path(path)
+    if (path / STATE).exists() or (path / WEIGHTS).exists():
+        return path
+    root = path / "checkpoints"
+    found = sorted(root.glob("step-*")) if root.is_dir() else []
+    if not found:
+        return None
+    newest = found[-1]
+    for f in (newest / WEIGHTS, newest / STATE):
+        if not f.is_file():
+            older = [p for p in list_checkpoints(path) if p != newest]
+            fallback = f"remove {newest} to resume from {older[-1].name}" if older else f"remove {newest}"
+            raise CheckpointError(f"the newest checkpoint {newest} has no {f.name}, so the run cannot resume from "
+                                  f"it; {fallback}, or start over with --no-resume")
+    return newest
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     for path in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed out of the step-* namespace first: a process killed mid-delete leaves a hidden
+        # directory, never a step-* checkpoint with some of its files gone.
+        doomed = path.with_name(f".{path.name}.deleting")
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -142,25 +229,14 @@ def _load_part(path: Path, which: str, part: str, build):
         raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
     path = Path(path)
     if path.is_dir():  # a checkpoint, or a run directory: then its latest checkpoint
-        found = find_checkpoint(path)
+        found = resume_checkpoint(path)
         if found is None:
             raise CheckpointError(f"no checkpoint found in {path}")
         path = found
     tensors, state = load_checkpoint(path)
-    try:
-        config = TrainConfig.model_validate(state["config"])
-    except Exception as err:  # noqa: BLE001 - any schema problem is a bad checkpoint
-        raise CheckpointError(f"{path / STATE} holds no valid training config: {err}") from None
+    config = check_state(state, path / STATE)
     module = build(config.model) if part else build(config)
     weights = split_prefix(tensors, f"{which}.{part + '.' if part else ''}")
-    expected = module.state_dict()
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    reshaped = sorted(k for k in expected.keys() & weights.keys() if expected[k].shape != weights[k].shape)
-    if missing or unexpected or reshaped:
-        raise CheckpointError(
-            f"{path / WEIGHTS} does not match the architecture in its config: missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, different shapes {reshaped[:3]}"
-        )
+    check_matches(module, weights, path / WEIGHTS)
     module.load_state_dict(weights)
     return module.eval(), config

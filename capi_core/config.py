@@ -15,19 +15,53 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from capi_core import bounded_yaml
+from capi_core.errors import CapiError
 
 
-class ConfigError(ValueError):
+class ConfigError(CapiError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+    hint = "fix the field named above (`capi train --help` shows the override syntax)"
+    exit_code = 2
+
+
+def _refuse_coercion(annotation: Any, value: Any) -> Any:
+    """``value`` unchanged, or ValueError where pydantic's lax mode would silently turn it into another
+    kind: YAML reads ``yes``/``no``/``on`` as booleans, and lax mode then makes ``model.registers=yes`` 1
+    and ``run.compile=1`` true. Numbers written as strings (``1e-3``, which YAML 1.1 reads as a string)
+    stay accepted: they mean what they say."""
+    if value is None:
+        return value
+    kinds = get_args(annotation) if get_origin(annotation) is not tuple else (annotation,)
+    kinds = kinds or (annotation,)
+    if bool in kinds:
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+    elif (int in kinds or float in kinds) and isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {value!r} (YAML reads yes, no, on and off as "
+                         "booleans)")
+    elif get_origin(annotation) is tuple and isinstance(value, (list, tuple)):
+        for item_type, item in zip(get_args(annotation), value):
+            _refuse_coercion(item_type, item)
+    return value
 
 
 class _Strict(BaseModel):
-    # extra="forbid": a misspelt key is an error, not a silently ignored default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # extra="forbid": a misspelt key is an error, not a silently ignored default. allow_inf_nan=False:
+    # no setting of CAPI means anything at infinity or NaN (an infinite mlp_ratio fails only deep inside
+    # model construction, a NaN temperature only as NaN losses).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_silent_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        return _refuse_coercion(cls.model_fields[info.field_name].annotation, value)
 
 
 class ModelConfig(_Strict):
@@ -330,7 +364,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not keys:
             raise ConfigError(f"override {item!r} names no field")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = bounded_yaml.safe_load(raw) if raw.strip() else ""
+        except bounded_yaml.YamlLimitError as err:
+            raise ConfigError(f"override {path.strip()}: {err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r} has a value that is not plain YAML: {err}") from None
         node = out
@@ -362,8 +398,8 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
     plus ``a.b=c`` overrides on top."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
+        data = bounded_yaml.safe_load(bounded_yaml.read_limited(path)) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, bounded_yaml.YamlLimitError) as err:
         raise ConfigError(f"cannot read config {path}: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping")

@@ -27,13 +27,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_checkpoint_step, is_probe_step
-from capi_core.config import TrainConfig
+from capi_core.config import ConfigError, TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
+from capi_core.errors import CapiError
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
+from capi_core.memory import check_fits
 from capi_core.models.heads import ClusteringHead
 from capi_core.models.student import Student, param_groups
 from capi_core.precision import choose_precision
@@ -41,7 +43,7 @@ from capi_core.schedules import Schedules, ema_update_
 from capi_core.sinkhorn import sinkhorn_knopp
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(CapiError, RuntimeError):
     """Training produced non-finite losses several checks in a row."""
 
 
@@ -79,7 +81,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but no CUDA device is available")
+        raise ConfigError("run.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
 
 
@@ -110,17 +112,16 @@ class Trainer:
         self.world_size = dist.get_world_size() if self.distributed else 1
         self.is_main = self.rank == 0
         self.run_dir = Path(config.run.output_dir) / config.run.name
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
 
         optim = config.optim
         if optim.batch_size % (self.world_size * optim.grad_accumulation):
-            raise ValueError(f"optim.batch_size {optim.batch_size} is not divisible by workers x grad_accumulation "
-                             f"({self.world_size} x {optim.grad_accumulation})")
+            raise ConfigError(f"optim.batch_size {optim.batch_size} is not divisible by workers x grad_accumulation "
+                              f"({self.world_size} x {optim.grad_accumulation})")
         self.micro_batch = optim.batch_size // (self.world_size * optim.grad_accumulation)
         self.device = pick_device(config.run.device)
+        check_fits(config, self.world_size, self.device)  # before any allocation that could take the machine
         if self.device.type == "cpu":
             # Sinkhorn targets and softmax tails hold subnormal floats; without flush-to-zero, x86 handles
             # each one in microcode. Measured on the cpu-demo step: 24 -> 200 img/s in fp32.
@@ -238,7 +239,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- fit
     def fit(self) -> dict[str, float]:
         cfg = self.config
+        # The manifest is checked against its shards (counts, paths, sizes) before the run directory
+        # exists, so a refused dataset or configuration leaves nothing behind.
         dataset_dir = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         per_rank_batch = self.micro_batch * cfg.optim.grad_accumulation
         batches = train_batches(cfg.data, cfg.model.img_size, per_rank_batch, rank=self.rank,
                                 world_size=self.world_size, seed=cfg.run.seed, start_step=self.step,
@@ -356,20 +361,26 @@ class Trainer:
             cb.on_checkpoint(self, self.step, path, metrics)
 
     def _resume(self, resume: Path | str) -> None:
-        target = ckpt.find_checkpoint(Path(resume))  # a checkpoint, or a run directory's latest
+        target = ckpt.resume_checkpoint(Path(resume))  # a checkpoint, or a run directory's newest
         if target is None:
             return
         tensors, state = ckpt.load_checkpoint(target)
-        saved = TrainConfig.model_validate(state["config"])
+        saved = ckpt.check_state(state, target / ckpt.STATE, resume=True)
         if saved.model != self.config.model or saved.clustering.num_clusters != self.config.clustering.num_clusters:
             raise ckpt.CheckpointError(f"{target} was written for a different model configuration")
-        self.student.load_state_dict(ckpt.split_prefix(tensors, "student."))
-        self.teacher.load_state_dict(ckpt.split_prefix(tensors, "teacher."))
-        self.clustering_head.load_state_dict(ckpt.split_prefix(tensors, "clustering."))
-        ckpt.optimizer_from_flat(self.optimizer, tensors, state["optim"]["main"], "optim.main.")
-        ckpt.optimizer_from_flat(self.clustering_optimizer, tensors, state["optim"]["clustering"], "optim.clustering.")
-        torch.set_rng_state(tensors["rng.torch_cpu"])
-        self.step = int(state["step"])
+        parts = {"student.": self.student, "teacher.": self.teacher, "clustering.": self.clustering_head}
+        for prefix, module in parts.items():
+            ckpt.check_matches(module, ckpt.split_prefix(tensors, prefix), target / ckpt.WEIGHTS)
+        for prefix, module in parts.items():
+            module.load_state_dict(ckpt.split_prefix(tensors, prefix))
+        try:
+            ckpt.optimizer_from_flat(self.optimizer, tensors, state["optim"]["main"], "optim.main.")
+            ckpt.optimizer_from_flat(self.clustering_optimizer, tensors, state["optim"]["clustering"],
+                                     "optim.clustering.")
+            torch.set_rng_state(tensors["rng.torch_cpu"])
+        except (KeyError, ValueError, RuntimeError) as err:  # torch's own words for a mismatched state
+            raise ckpt.CheckpointError(f"{target}: the optimiser or RNG state does not fit this run: "
+                                       f"{type(err).__name__}: {err}") from None
+        self.step = state["step"]
         self.metadata = {**self.metadata, **state.get("metadata", {})}  # e.g. the saved MLflow run id wins
         self.resumed_from = target
-

@@ -37,6 +37,7 @@ from capi_core.checkpoint import STATE, CheckpointError, find_checkpoint, load_e
 from capi_core.config import TrainConfig, flatten
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
+from capi_core.errors import CapiError
 from orchestrator.tracking import (CHECKPOINT_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG, SWEPT_TAG, TRIAL_TAG, child_runs,
                                    mlflow_client, safe_uri)
 
@@ -47,7 +48,7 @@ ARTIFACT_DIR = "export"
 ALIAS = "champion"
 
 
-class ExportError(RuntimeError):
+class ExportError(CapiError, RuntimeError):
     """Nothing to export, or the export cannot be written; the message says which run or file."""
 
 
@@ -220,7 +221,11 @@ def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None
                model_name: str | None = None, register: bool = True) -> Exported:
     """Export the checkpoint of MLflow run ``run_id`` to ``out``, log it to the run and register it."""
     client = mlflow_client(uri)
-    run = client.get_run(run_id)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:  # unknown or malformed id: MLflow's words, shortened to their first line
+        raise ExportError(f"no MLflow run {run_id!r} in {safe_uri(uri)}: {str(err).strip().splitlines()[0][:200]}; "
+                          f"`capi sweep status NAME` lists a sweep's runs") from None
     location = run.data.tags.get(CHECKPOINT_TAG)
     if not location:
         raise ExportError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG}); did it finish?")

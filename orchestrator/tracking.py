@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import STATE, list_checkpoints
 from capi_core.config import TrainConfig, flatten
+from capi_core.errors import CapiError
 from capi_core.train import Callback, Trainer
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import YAML_FILE, SweepOutcome, SweepState
@@ -74,8 +75,10 @@ _MAX_BUFFERED = 100_000  # metrics kept for retry while the server is unreachabl
 _PICTURES = ("*.png", "*.jpg", "*.svg", "pictures/**/*.png", "pictures/**/*.jpg", "pictures/**/*.svg")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(CapiError, RuntimeError):
     """The MLflow store cannot be reached or used; the message names the URI and the cause."""
+
+    hint = "start the server, fix --tracking-uri / MLFLOW_TRACKING_URI, or train with --no-tracking"
 
 
 class TrackingOptions(BaseModel):
@@ -185,9 +188,19 @@ def system_tags(trainer: Trainer) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------ runs
+_ANSWERED: set[str] = set()  # servers that answered /health in this process
+
+
 def mlflow_client(uri: str):
     """The ``MlflowClient`` of the store at ``uri``, its model registry included: the one place a
-    client is made, so that every caller talks to the same store the same way."""
+    client is made, so that every caller talks to the same store the same way.
+
+    A server is asked for /health first (once per process, ``check_reachable``'s 5 s timeout): MLflow's
+    own client retries an unreachable server 7 times with backoff over about two minutes before it
+    says anything, and then without naming it."""
+    if urlparse(uri).scheme in ("http", "https") and uri not in _ANSWERED:
+        check_reachable(uri)
+        _ANSWERED.add(uri)
     return MlflowClient(uri, registry_uri=uri)
 
 

@@ -37,6 +37,7 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig, with_fields
 from capi_core.data import resolve_dataset
+from capi_core.errors import CapiError
 from capi_core.eval.online_probe import PROBE_METRIC
 from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator.cluster import init_local_ray, join_cluster
@@ -48,7 +49,7 @@ from orchestrator.tracking import (MlflowTracking, TrackingError, TrackingOption
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(CapiError, RuntimeError):
     """A distributed run could not start or failed for good; the message says why."""
 
 

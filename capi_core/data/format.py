@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from capi_core.atomic import atomic_write, atomic_write_text
+from capi_core.errors import CapiError
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: one image size for the whole dataset, no height/width columns
@@ -45,8 +46,11 @@ _COMPRESSION = {"id": "zstd", "image": "none", "label": "zstd", "split": "zstd",
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-class DatasetError(ValueError):
+class DatasetError(CapiError, ValueError):
     """A dataset, a shard or a source file is missing or invalid; the message names the file."""
+
+    hint = "re-import the dataset with `capi data import ...` (an interrupted import resumes); " \
+           "`capi data verify DIR` checks one"
 
 
 class ShardInfo(BaseModel):
@@ -120,8 +124,16 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     if manifest.format_version == 1 and manifest.image_size is None:
         raise DatasetError(f"{path} is a format-1 manifest without an image_size")
+    check_counts(manifest, path)
+    inside = dataset_dir.resolve()
     for shard in manifest.shards:
         file = dataset_dir / shard.file
+        # A shard is a file of the dataset directory itself: a manifest naming ../x or /etc/x (written by
+        # hand, or copied from elsewhere) would make training read, and a re-import replace, files
+        # outside the dataset.
+        if Path(shard.file).name != shard.file or shard.file in ("", ".", "..") or file.resolve().parent != inside:
+            raise DatasetError(f"{path}: shard path {shard.file!r} points outside the dataset directory "
+                               f"{dataset_dir}; shards must be plain file names inside it")
         if not file.is_file():
             raise DatasetError(f"shard {file} listed in {path} is missing")
         if file.stat().st_size != shard.bytes:
@@ -130,8 +142,41 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
     return manifest
 
 
-def read_shard(path: Path, shard: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-    """Read one shard after checking its sha256; any failure names the file."""
+def check_counts(manifest: Manifest, path: Path) -> None:
+    """The per-split counts, the shards' rows and the class list must agree: the reader sizes epochs
+    from the shards and the probes their heads from the class list, so a disagreement would train on
+    a silently different dataset."""
+    files = [s.file for s in manifest.shards]
+    if len(set(files)) != len(files):
+        raise DatasetError(f"{path}: shard {next(f for f in files if files.count(f) > 1)!r} is listed twice")
+    for split in {s.split for s in manifest.shards} - manifest.splits.keys():
+        raise DatasetError(f"{path}: shards of split {split!r}, which splits does not list")
+    for split, count in manifest.splits.items():
+        rows = sum(s.rows for s in manifest.shards if s.split == split)
+        if rows != count:
+            raise DatasetError(f"{path}: splits.{split} is {count} but its shards hold {rows} rows")
+    if manifest.channels not in (1, 3) or len(manifest.mean) != manifest.channels or \
+            len(manifest.std) != manifest.channels:
+        raise DatasetError(f"{path}: channels must be 1 or 3 with one mean and std each, got {manifest.channels} "
+                           f"with {len(manifest.mean)} and {len(manifest.std)}")
+    if not manifest.class_names:
+        raise DatasetError(f"{path}: class_names is empty")
+
+
+def check_labels(table: pa.Table, num_classes: int, path: Path) -> None:
+    """Every label of a shard's table indexes the class list (training keeps labels for the probes)."""
+    if "label" not in table.column_names or not table.num_rows:
+        return
+    labels = table.column("label").to_numpy()
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DatasetError(f"shard {path} has label {int(bad[0])} outside the class list 0..{num_classes - 1}")
+
+
+def read_shard(path: Path, shard: ShardInfo, columns: list[str] | None = None,
+               num_classes: int | None = None) -> pa.Table:
+    """Read one shard after checking its sha256; any failure names the file. With ``num_classes``,
+    labels outside ``0..num_classes - 1`` are an error too."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -146,24 +191,21 @@ def read_shard(path: Path, shard: ShardInfo, columns: list[str] | None = None) -
         raise DatasetError(f"shard {path} is not a readable Parquet file: {err}") from None
     if table.num_rows != shard.rows:
         raise DatasetError(f"shard {path} has {table.num_rows} rows, the manifest says {shard.rows}")
+    if num_classes is not None:
+        check_labels(table, num_classes, path)
     return table
 
 
 def verify_dataset(dataset_dir: str | Path) -> Manifest:
-    """Check the manifest, every shard's checksum and readability, and the per-split counts."""
+    """Check the manifest (``load_manifest``: counts, paths, sizes), then every shard's checksum,
+    readability, labels and split."""
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     for shard in manifest.shards:
-        table = read_shard(dataset_dir / shard.file, shard, columns=["label", "split"])
+        table = read_shard(dataset_dir / shard.file, shard, columns=["label", "split"],
+                           num_classes=len(manifest.class_names))
         if set(table.column("split").unique().to_pylist()) != {shard.split}:
             raise DatasetError(f"shard {dataset_dir / shard.file} holds rows of another split than {shard.split!r}")
-        labels = table.column("label").to_numpy()
-        if labels.size and (labels.min() < 0 or labels.max() >= len(manifest.class_names)):
-            raise DatasetError(f"shard {dataset_dir / shard.file} has labels outside "
-                               f"0..{len(manifest.class_names) - 1}")
-    for split, count in manifest.splits.items():
-        if sum(s.rows for s in manifest.shards if s.split == split) != count:
-            raise DatasetError(f"{dataset_dir / MANIFEST}: the shards of split {split!r} do not add up to {count}")
     return manifest
 
 

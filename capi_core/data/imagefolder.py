@@ -73,6 +73,8 @@ OnError = Literal["stop", "skip"]
 class BadImageError(DatasetError):
     """A source image cannot be read or decoded; the message names the file."""
 
+    hint = ""  # the message itself says what to do: fix or remove the file, or --on-error skip
+
 
 # --------------------------------------------------------------------------------------------------
 # Tasks and what they return (picklable: they travel to processes and to Ray workers)
@@ -280,6 +282,7 @@ def scan_headers(task: ScanTask) -> tuple[int, int]:
     for rel in task.files:
         try:
             with Image.open(Path(task.root) / rel) as image:
+                images.check_pixels(*image.size)
                 grey += image.mode in GREY_MODES
                 readable += 1
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:

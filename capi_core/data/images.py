@@ -30,6 +30,15 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 JPEG_MAGIC = b"\xff\xd8"
 PNG_MAGIC = b"\x89PNG"
 DCT_SCALES = (8, 4, 2)  # libjpeg decodes at 1/8, 1/4 and 1/2 of the size (and at full size)
+# Decompression-bomb guard: a few kilobytes of PNG or JPEG can declare 50,000 x 50,000 pixels, 7.5 GB
+# once decoded. 64 Mpx (8192 x 8192, 192 MB as RGB) is above any camera this project trains on and
+# well below what a worker can hold; PIL's own guard (89 Mpx) warns only, and torchvision's decoders
+# have none, so the size in the header is checked before either decodes.
+MAX_IMAGE_PIXELS = 1 << 26
+
+
+class ImageTooLargeError(ValueError):
+    """An image's header declares more than MAX_IMAGE_PIXELS pixels."""
 
 
 def is_jpeg(blob: bytes) -> bool:
@@ -54,7 +63,16 @@ def decode(blob: bytes, channels: int) -> Tensor:
 
 
 def pil_open(blob: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(blob))
+    """The image, lazily: only its header is read, and refused if it declares too many pixels."""
+    image = Image.open(io.BytesIO(blob))
+    check_pixels(*image.size)
+    return image
+
+
+def check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageTooLargeError(f"it declares {width} x {height} = {width * height:,} pixels, above the limit of "
+                                 f"{MAX_IMAGE_PIXELS:,} (a decompression bomb, or a scan to shrink before import)")
 
 
 def pil_to_tensor(image, channels: int) -> Tensor:

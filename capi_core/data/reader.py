@@ -44,6 +44,7 @@ from torchvision.io import decode_jpeg
 from capi_core.config import DataConfig
 from capi_core.data import images, resolve_dataset
 from capi_core.data.format import Manifest, ShardInfo, load_manifest, read_shard
+from capi_core.errors import CapiError
 
 RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before falling back to a centre crop
@@ -304,7 +305,8 @@ class TrainBatches(torch.utils.data.Dataset):
         if i in self._cache:
             self._cache.move_to_end(i)
         else:
-            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=read_columns(self.manifest))
+            table = read_shard(self.dir / self.shards[i].file, self.shards[i], columns=read_columns(self.manifest),
+                               num_classes=len(self.manifest.class_names))
             self._cache[i] = (table.column("image").to_pylist(), table.column("label").to_numpy(),
                               *shard_columns(self.manifest, table))
             while sum(self.shards[j].bytes for j in self._cache) > 2 * WINDOW_BYTES and len(self._cache) > 1:
@@ -358,9 +360,25 @@ def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0
     return _on_device(iter(loader), dataset.manifest, img_size, device)
 
 
+def _without_worker_traceback(err: CapiError) -> CapiError:
+    """The error a loader process raised, with its own message: torch re-raises it in the training
+    process as the same type whose message is "Caught ... in DataLoader worker process N" plus the
+    worker's whole traceback, which the CLI would print for what is a plain dataset error."""
+    text, name = str(err), f"{type(err).__module__}.{type(err).__qualname__}: "
+    if "Original Traceback" not in text or name not in text:
+        return err
+    return type(err)(text[text.rindex(name) + len(name):].strip())
+
+
 def _on_device(loader: Iterator, manifest: Manifest, img_size: int,
                device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    for item in loader:
+    while True:
+        try:
+            item = next(loader)
+        except StopIteration:
+            return
+        except CapiError as err:
+            raise _without_worker_traceback(err) from None
         if isinstance(item, EncodedBatch):
             x, labels = decode_on_device(item, img_size, manifest.channels, device), item.labels
         else:
@@ -393,7 +411,8 @@ def load_split(dataset_dir: str | Path, split: str, img_size: int, limit: int | 
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     shards = manifest.split_shards(split)
-    tables = [read_shard(dataset_dir / s.file, s, columns=["label"]) for s in shards]
+    tables = [read_shard(dataset_dir / s.file, s, columns=["label"], num_classes=len(manifest.class_names))
+              for s in shards]
     labels = np.concatenate([t.column("label").to_numpy() for t in tables])
     keep = np.arange(len(labels)) if limit is None or limit >= len(labels) else stratified_subset(labels, limit, seed)
     offsets = np.cumsum([0] + [s.rows for s in shards])

@@ -19,6 +19,7 @@ import torch
 
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, load_manifest, resolve_dataset
+from capi_core.errors import CapiError
 from capi_core.eval.diagnostics import run_diagnostics
 from capi_core.eval.features import extract_features, predictor_pooled_tokens
 from capi_core.eval.online_probe import ProbeSet, random_init_knn
@@ -27,7 +28,7 @@ from capi_core.eval.probes import ProbeProtocol, ProbeResult, run_probe, run_pro
 from capi_core.models.student import Student
 
 
-class EvalError(ValueError):
+class EvalError(CapiError, ValueError):
     """The evaluation cannot run on these images (e.g. their labels do not suit a probe); the message
     names the dataset."""
 

@@ -18,14 +18,11 @@ def data() -> None:
 
 @contextmanager
 def _errors_and_progress():
-    """Yield a ``progress(stage, done, total)`` callback; dataset errors become CLI errors.
+    """Yield a ``progress(stage, done, total)`` callback (a dataset error ends the bars on its way out).
 
     On a terminal it draws rich bars with the rate and the time left; otherwise (a batch job's log) it
     prints a line with the same figures every ``LOG_EVERY_S`` seconds and when a stage ends.
     """
-    # deferred: pyarrow
-    from capi_core.data import DatasetError
-
     tty = sys.stderr.isatty()
     bars = Progress(TextColumn("{task.description:>6}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
@@ -42,11 +39,8 @@ def _errors_and_progress():
         if not tty and line:
             click.echo(f"{stage}: {line}", err=True)
 
-    try:
-        with bars:
-            yield progress
-    except DatasetError as err:
-        raise click.ClickException(str(err)) from None
+    with bars:
+        yield progress
 
 
 class _Rate:

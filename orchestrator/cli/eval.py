@@ -67,22 +67,16 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
     # deferred: torch
     import torch
 
-    from capi_core.checkpoint import CheckpointError, load_student
+    from capi_core.checkpoint import load_student
     from capi_core.models.student import Student
     from capi_core.precision import choose_precision
     from capi_core.train import pick_device
 
-    try:
-        model, config = load_student(checkpoint, which=which)
-    except CheckpointError as err:
-        raise click.ClickException(str(err)) from None
+    model, config = load_student(checkpoint, which=which)
     if random_init:
         torch.manual_seed(seed)
         model = Student(config).eval()
-    try:
-        dev = pick_device(device)
-    except RuntimeError as err:
-        raise click.UsageError(str(err)) from None
+    dev = pick_device(device)
     choice = choose_precision(precision, dev, config.model, config.data.cache_dir)
     return model.to(dev), config, choice.autocast_dtype
 
@@ -91,14 +85,10 @@ def _load_probe_set(dataset: str | None, config, limit_train: int, limit_test: i
     """(name, labelled train and test images for the encoder's input size as a ``ProbeSet``); dataset
     problems name the dataset."""
     # deferred: pyarrow and torch
-    from capi_core.data import DatasetError
     from capi_core.eval.evaluate import eval_dataset
     from capi_core.eval.online_probe import load_probe_set
 
-    try:
-        name, path = eval_dataset(dataset, config)
-    except DatasetError as err:
-        raise click.ClickException(str(err)) from None
+    name, path = eval_dataset(dataset, config)
     return name, load_probe_set(path, config.model.img_size, limit_train or None, limit_test or None, seed=seed,
                                 cache_dir=config.data.cache_dir)
 
@@ -147,7 +137,7 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     scored once, with the selected setting. Accuracies are top-1 in %.
     """
     # deferred: torch
-    from capi_core.eval.evaluate import EvalError, EvalSettings, evaluate
+    from capi_core.eval.evaluate import EvalSettings, evaluate
     from capi_core.eval.probes import ProbeProtocol
 
     probes = _parse_probes(probe_list)
@@ -169,12 +159,9 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
                 console.print(message)
 
         name, probe_set = _load_probe_set(dataset, config, limit_train, limit_test, seed)
-        try:
-            report = evaluate(model, config, probe_set, settings, checkpoint=str(checkpoint), which=which,
-                              random_init=random_init, dataset=name, autocast_dtype=autocast, out=out,
-                              stage=stage, say=console.print)
-        except EvalError as err:
-            raise click.ClickException(str(err)) from None
+        report = evaluate(model, config, probe_set, settings, checkpoint=str(checkpoint), which=which,
+                          random_init=random_init, dataset=name, autocast_dtype=autocast, out=out,
+                          stage=stage, say=console.print)
     _write_json(out / "eval.json", report.to_dict())
     _print_table(report.to_dict(), report.probes)
     click.echo(f"wrote {out / 'eval.json'}" + (f" and {len(report.pictures)} pictures" if pictures else ""))

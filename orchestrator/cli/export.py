@@ -33,21 +33,18 @@ def export(sweep_name, run_id, metric, mode, out, tracking_uri, storage, model_n
     if (sweep_name is None) == (run_id is None):
         raise click.UsageError("give exactly one of --sweep NAME and --run ID")
     # deferred: MLflow
-    from orchestrator.export import ExportError, export_best, export_run, sweep_parent
+    from orchestrator.export import export_best, export_run, sweep_parent
     from orchestrator.tracking import resolve_uri
 
     default_metric, default_mode = Search.model_fields["metric"].default, Search.model_fields["mode"].default
-    try:
-        if sweep_name is not None:
-            uri, parent, metric_, mode_ = _sweep_location(sweep_name, storage, tracking_uri)
-            metric, mode = metric or metric_ or default_metric, mode or mode_ or default_mode
-            parent = parent or sweep_parent(uri, sweep_name)
-            done = export_best(uri, parent, out, metric, mode, model_name, register)
-        else:
-            uri = resolve_uri(tracking_uri)
-            done = export_run(uri, run_id, out, metric, mode or default_mode, model_name, register)
-    except ExportError as err:
-        raise click.ClickException(str(err)) from None
+    if sweep_name is not None:
+        uri, parent, metric_, mode_ = _sweep_location(sweep_name, storage, tracking_uri)
+        metric, mode = metric or metric_ or default_metric, mode or mode_ or default_mode
+        parent = parent or sweep_parent(uri, sweep_name)
+        done = export_best(uri, parent, out, metric, mode, model_name, register)
+    else:
+        uri = resolve_uri(tracking_uri)
+        done = export_run(uri, run_id, out, metric, mode or default_mode, model_name, register)
     click.echo(f"exported run {done.run_id}" + (f" ({done.metric} {done.value:.4g})" if done.value is not None else "")
                + f" to {done.out}")
     if done.version:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -91,18 +90,6 @@ _STORAGE_HELP = "where sweeps live (a sweep file's storage); default: the sweep 
 _ADDRESS_HELP = "join a running cluster: auto, or ray://HEAD:10001; default: start a local Ray"
 
 
-@contextmanager
-def _sweep_errors():
-    """A SweepError (no such sweep, nothing to resume, ...) becomes a CLI error."""
-    # deferred: torch
-    from orchestrator.sweep.storage import SweepError
-
-    try:
-        yield
-    except SweepError as err:
-        raise click.ClickException(str(err)) from None
-
-
 def _storage(storage: Path | None) -> Path:
     return storage or SweepSpec.model_fields["storage"].default
 
@@ -124,8 +111,7 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
     from orchestrator.sweep.tune import run_sweep
 
     spec = _load(file)
-    with _sweep_errors():
-        outcome = run_sweep(spec, file, address)
+    outcome = run_sweep(spec, file, address)
     _finish(outcome, do_export)
 
 
@@ -144,8 +130,7 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
     # deferred: Ray
     from orchestrator.sweep.tune import resume_sweep
 
-    with _sweep_errors():
-        outcome = resume_sweep(_storage(storage), name, address)
+    outcome = resume_sweep(_storage(storage), name, address)
     _finish(outcome, do_export)
 
 
@@ -158,8 +143,7 @@ def status(name: str, storage: Path | None) -> None:
     from orchestrator.sweep.storage import load_sweep_run, noise_note, trial_rows
     from orchestrator.tracking import safe_uri
 
-    with _sweep_errors():
-        spec, state, directory = load_sweep_run(_storage(storage), name)
+    spec, state, directory = load_sweep_run(_storage(storage), name)
     rows = trial_rows(directory, spec)
     _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows, noise_note(spec))
     click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
@@ -180,8 +164,7 @@ def report(name: str, storage: Path | None, out: Path | None, images: int, log: 
     # deferred: MLflow
     from orchestrator.report import build_report
 
-    with _sweep_errors():
-        page = build_report(_storage(storage), name, out, images=images, log=log)
+    page = build_report(_storage(storage), name, out, images=images, log=log)
     click.echo(f"report: {page}")
 
 
@@ -205,11 +188,8 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
     spec = _load(file)
     for problem in jobs.portability_warnings(spec):
         click.secho(f"warning: {problem}", fg="yellow", err=True)
-    try:
-        client = jobs.job_client(address, insecure=insecure)
-        job_id = jobs.submit(client, spec.name, file, project_dir)
-    except jobs.JobError as err:
-        raise click.ClickException(str(err)) from None
+    client = jobs.job_client(address, insecure=insecure)
+    job_id = jobs.submit(client, spec.name, file, project_dir)
     click.echo(f"submitted job {job_id} to {address}")
     if follow:
         final = jobs.follow(client, job_id, click.echo)

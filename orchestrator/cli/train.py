@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from capi_core.config import ConfigError, build_config, load_config
+from capi_core.config import build_config, load_config
 
 
 def _tracking_options(tracking: bool, tracking_uri: str | None, experiment: str | None):
@@ -64,13 +64,10 @@ def train(preset, config_file, workers, address, cpus_per_worker, max_failures, 
     continues the same MLflow run. With --workers, a failed worker restarts the group from the
     latest checkpoint up to --max-failures times; running the same command again resumes.
     """
-    try:
-        if config_file:
-            config = load_config(config_file, list(overrides))
-        else:
-            config = build_config(preset, list(overrides))
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    if config_file:
+        config = load_config(config_file, list(overrides))
+    else:
+        config = build_config(preset, list(overrides))
     track = _tracking_options(tracking, tracking_uri, experiment)
     if workers:
         _train_distributed(config, workers, address, cpus_per_worker, max_failures, storage, track, resume)
@@ -82,14 +79,11 @@ def train(preset, config_file, workers, address, cpus_per_worker, max_failures, 
 
 def _train_distributed(config, workers, address, cpus_per_worker, max_failures, storage, track, resume) -> None:
     # deferred: Ray
-    from orchestrator.train import ScalingOptions, TrainingError, run_distributed
+    from orchestrator.train import ScalingOptions, run_distributed
 
     given = {"cpus_per_worker": cpus_per_worker, "max_failures": max_failures, "storage_path": storage}
     scaling = ScalingOptions(workers=workers, **{k: v for k, v in given.items() if v is not None})
-    try:
-        result = run_distributed(config, scaling, address=address, tracking=track, resume=resume)
-    except TrainingError as err:
-        raise click.ClickException(str(err)) from None
+    result = run_distributed(config, scaling, address=address, tracking=track, resume=resume)
     _echo_done(result.metrics.get("step"), result.metrics)
     click.echo(f"final checkpoint: {result.checkpoint}")
     if result.mlflow_run_id:
@@ -104,13 +98,10 @@ def _train_standalone(config, track, resume) -> None:
     callbacks = [JsonlMetrics(), ProgressBar(config.optim.steps)]
     if track is not None:
         # deferred: MLflow
-        from orchestrator.tracking import MlflowTracking, TrackingError, check_reachable, resolve_uri
+        from orchestrator.tracking import MlflowTracking, check_reachable, resolve_uri
 
         uri = resolve_uri(track.uri)
-        try:
-            check_reachable(uri)
-        except TrackingError as err:
-            raise click.ClickException(str(err)) from None
+        check_reachable(uri)
         callbacks.append(MlflowTracking(uri, track))
     run_dir = config.run.output_dir / config.run.name
     trainer = Trainer(config, callbacks, resume=run_dir if resume else None)

@@ -21,13 +21,15 @@ from pathlib import Path
 
 from ray.job_submission import JobSubmissionClient
 
+from capi_core.errors import CapiError
+
 # Left out of the uploaded working directory: environments, outputs, stores, VCS metadata.
 EXCLUDES = [".venv", "venv", "runs", "mlruns", "mlartifacts", "*.db", ".git", "__pycache__", "*.egg-info",
             ".pytest_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
-class JobError(RuntimeError):
+class JobError(CapiError, RuntimeError):
     """The cluster cannot take the job (unreachable, unauthenticated, bad token); the message says why."""
 
 

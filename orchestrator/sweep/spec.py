@@ -35,14 +35,21 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from capi_core.cadence import checkpoints_per_run, probe_interval, probes_per_run
+from capi_core import bounded_yaml
+from capi_core.cadence import REPORTED_METRICS, checkpoints_per_run, probe_interval, probes_per_run
 from capi_core.config import (PRESETS, ConfigError, TrainConfig, build_config, describe, dotted, error_message,
                                field_type, load_config, parse_overrides, with_fields)
+from capi_core.errors import CapiError
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+# Bounds that keep a hostile or mistyped file from costing minutes before it is refused: each value of
+# a grid or choice is checked by building a TrainConfig, and pairs of dimensions are checked together.
+MAX_VALUES = 256  # values of one grid or choice dimension
+MAX_TRIALS = 10_000  # trials of one sweep (grid points x repeats)
+RANGE_SAMPLES = 64  # integers of a randint range checked one by one (all of them when the range is smaller)
 
 
-class SweepSpecError(ValueError):
+class SweepSpecError(CapiError, ValueError):
     """A sweep file cannot run; ``problems`` holds one ``file:line: field: message`` string per problem."""
 
     def __init__(self, path: str | Path, problems: list[str]):
@@ -119,8 +126,10 @@ class Base(_Strict):
 class Distribution(_Strict):
     """One search dimension: exactly one of the keys below."""
 
-    grid: list[Any] | None = Field(None, min_length=1, description="every value, each in its own trials")
-    choice: list[Any] | None = Field(None, min_length=1, description="one value per trial, drawn by the searcher")
+    grid: list[Any] | None = Field(None, min_length=1, max_length=MAX_VALUES,
+                                   description="every value, each in its own trials")
+    choice: list[Any] | None = Field(None, min_length=1, max_length=MAX_VALUES,
+                                     description="one value per trial, drawn by the searcher")
     uniform: tuple[float, float] | None = Field(None, description="[lo, hi]")
     loguniform: tuple[float, float] | None = Field(None, description="[lo, hi], uniform in log space, lo > 0")
     randint: tuple[int, int] | None = Field(None, description="[lo, hi): the upper bound is exclusive, as in Ray")
@@ -169,6 +178,19 @@ class Distribution(_Strict):
         lo, hi = self.args
         return [(0, lo), (1, hi - 1 if self.kind == "randint" else hi)]
 
+    def candidates(self) -> list[tuple[int, Any]]:
+        """``extremes`` and, for ``randint``, the integers between them (evenly spaced ones when there are
+        more than RANGE_SAMPLES): a constraint such as rope's registers % 4 == 0 breaks inside a range
+        whose ends are both fine."""
+        if self.kind != "randint":
+            return self.extremes()
+        lo, hi = self.args
+        if hi - lo <= RANGE_SAMPLES:
+            values = range(lo, hi)
+        else:
+            values = sorted({lo + (hi - 1 - lo) * i // (RANGE_SAMPLES - 1) for i in range(RANGE_SAMPLES)})
+        return [(0 if v == lo else 1, v) for v in values]
+
     def __str__(self) -> str:
         return f"{self.kind} {self.args}"
 
@@ -210,7 +232,8 @@ Scheduler = Annotated[NoScheduler | ASHA | PBT, Field(discriminator="type")]
 
 
 class Budget(_Strict):
-    num_samples: int | None = Field(None, ge=1, description="total trials; None: one per grid point (algorithm grid)")
+    num_samples: int | None = Field(None, ge=1, le=MAX_TRIALS,
+                                    description="total trials; None: one per grid point (algorithm grid)")
     max_concurrent_trials: int | None = Field(None, ge=1, description="None: as many as the cluster can hold")
     time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit of the whole sweep; None: none")
 
@@ -254,6 +277,18 @@ class SweepSpec(_Strict):
     mlflow: MLflow = Field(default_factory=MLflow)
     storage: Path = Field(Path("runs/sweeps"), description="where Ray Tune keeps trials and checkpoints")
     failure: Failure = Field(default_factory=Failure)
+
+    @field_validator("storage")
+    @classmethod
+    def _a_directory(cls, storage: Path) -> Path:
+        # Checked here, not when Tune first writes to it minutes later: a storage path that is (or lies
+        # under) an existing file cannot hold the sweep's directory.
+        for part in (storage, *storage.parents):
+            if part.exists():
+                if not part.is_dir():
+                    raise ValueError(f"{part} is a file, not a directory; choose a directory for the sweep's trials")
+                break
+        return storage
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -305,7 +340,8 @@ class SweepSpec(_Strict):
         problems = list(_check_base(self))
         if any(not p.warning for p in problems):
             return problems  # the remaining checks build on the base config
-        for check in (_check_search_space, _check_algorithm, _check_budget, _check_scheduler, _check_resources):
+        for check in (_check_search_space, _check_algorithm, _check_metric, _check_budget, _check_scheduler,
+                      _check_resources):
             problems += check(self)
         return problems
 
@@ -372,11 +408,13 @@ def _check_search_space(spec: SweepSpec) -> Iterator[Problem]:
             yield Problem(loc + (dist.kind,), f"{path} is an integer; use randint, choice or grid")
             continue
         ok = True
-        for i, value in dist.extremes():
+        for i, value in dist.candidates():
             why = spec.why_not({path: value})
             if why:
                 ok = False
                 yield Problem(loc + (dist.kind, i), f"{value!r} is invalid for {path}: {why}")
+                if dist.kind == "randint":
+                    break  # one offending integer of a range says it all
         if ok:
             usable[path] = dist
     # Values fine alone can clash with another dimension's (rope with 6 registers, a ratio and a
@@ -404,8 +442,23 @@ def _check_algorithm(spec: SweepSpec) -> Iterator[Problem]:
                                           f"highest loss", warning=True)
 
 
+def _check_metric(spec: SweepSpec) -> Iterator[Problem]:
+    # Tune ranks trials, and ASHA and PBT compare them, on this metric in each probe report; a metric
+    # no report carries validates as a pattern but leaves every trial unscored.
+    metric = spec.search.metric
+    if metric not in REPORTED_METRICS:
+        close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        yield Problem(("search", "metric"), f"trials never report {metric!r}; {hint}they report "
+                                            f"{', '.join(REPORTED_METRICS)}")
+
+
 def _check_budget(spec: SweepSpec) -> Iterator[Problem]:
     loc, n, size = ("budget", "num_samples"), spec.budget.num_samples, spec.grid_size()
+    if size > MAX_TRIALS:
+        yield Problem(("search_space",), f"the grid has {size:,} points, above the limit of {MAX_TRIALS:,} trials "
+                                         f"of one sweep; shrink the grid or sample (choice, uniform, randint)")
+        return
     if n is None and spec.search.algorithm != "grid":
         yield Problem(("search", "algorithm"), f"search.algorithm {spec.search.algorithm} needs budget.num_samples, "
                                                f"the number of trials")
@@ -517,8 +570,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     line; emits a SweepSpecWarning for each probable mistake that does not stop the sweep."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        text = bounded_yaml.read_limited(path)
+    except (OSError, UnicodeDecodeError, bounded_yaml.YamlLimitError) as err:
         raise SweepSpecError(path, [f"{path}: cannot read: {err}"]) from None
     data, lines, problems = _parse_yaml(text, path)
     if data is None:
@@ -547,8 +600,10 @@ def _parse_yaml(text: str, path: Path) -> tuple[Any, dict[tuple, int], list[Prob
     document; duplicate keys (which YAML resolves silently to the last) come back as problems."""
     loader = yaml.SafeLoader(text)
     try:
-        node = loader.get_single_node()
+        node = bounded_yaml.compose(loader)
         data = loader.construct_document(node) if node is not None else None
+    except bounded_yaml.YamlLimitError as err:
+        raise SweepSpecError(path, [f"{path}:1: {err}"]) from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = f":{mark.line + 1}" if mark else ""

@@ -28,6 +28,7 @@ from capi_core.atomic import atomic_write_text
 from capi_core.checkpoint import STATE, latest_checkpoint
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, resolve_dataset
+from capi_core.errors import CapiError
 from capi_core.eval.online_probe import probe_noise
 from orchestrator.sweep.spec import SweepSpec
 
@@ -39,7 +40,7 @@ TRIALS_DIR = "trials"
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune statuses that `capi sweep resume` continues
 
 
-class SweepError(RuntimeError):
+class SweepError(CapiError, RuntimeError):
     """A sweep cannot start, resume or finish; the message says why and what to do."""
 
 

@@ -42,6 +42,7 @@ from capi_core.atomic import atomic_directory
 from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, probe_interval, probes_per_run
 from capi_core.checkpoint import STATE
 from capi_core.config import TrainConfig, with_fields
+from capi_core.errors import CapiError
 from orchestrator import tracking as track
 from orchestrator.ray_internals import report_queue, set_report_queue
 from orchestrator.sweep.spec import SweepSpec
@@ -93,7 +94,7 @@ class TrialSetup:
     state: SweepState
 
 
-class TrialError(RuntimeError):
+class TrialError(CapiError, RuntimeError):
     """A trial's training failed after its Train-level restarts; Tune may retry it."""
 
 
