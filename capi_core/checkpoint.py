@@ -18,21 +18,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from capi_core.atomic import atomic_directory
+# The directory layout lives in checkpoint_dirs (no torch there, so that reading a sweep's state stays fast).
+from capi_core.checkpoint_dirs import (STATE, WEIGHTS, checkpoint_name, find_checkpoint,  # noqa: F401 - re-exported
+                                       latest_checkpoint, list_checkpoints)
 from capi_core.config import TrainConfig
 from capi_core.models.encoder import Encoder
 from capi_core.models.student import Student
 
-WEIGHTS = "model.safetensors"
-STATE = "state.json"
 FORMAT_VERSION = 1
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or does not fit the model; the message names the file."""
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
@@ -64,27 +61,6 @@ def load_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     if state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{state_file} has format version {state.get('format_version')}, expected {FORMAT_VERSION}")
     return tensors, state
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints under ``run_dir/checkpoints``, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file() and (p / WEIGHTS).is_file())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir/checkpoints``; None if it has none."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def find_checkpoint(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint directory, else the latest checkpoint of the run directory
-    ``path``; None if it is neither."""
-    path = Path(path)
-    return path if (path / STATE).exists() else latest_checkpoint(path)
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

@@ -16,7 +16,10 @@ import orchestrator
 
 # Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
 # process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
+# RAY_AUTH_MODE=token: a local Ray turns token authentication on by default anyway, and says so in a
+# warning on every start; asking for it explicitly keeps it on and the console quiet.
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # it polls for node drains
+                 "RAY_AUTH_MODE": "token"}
 
 
 def init_local_ray(**options) -> None:
@@ -31,8 +34,8 @@ def init_local_ray(**options) -> None:
     ray.init(dashboard_host="127.0.0.1", **options)
 
 
-def join_cluster(address: str) -> None:
+def join_cluster(address: str, **options) -> None:
     """Connect to the Ray cluster at ``address`` (``auto``, ``ray://HOST:PORT`` or a GCS address),
-    shipping ``capi_core`` and ``orchestrator`` to its workers."""
+    shipping ``capi_core`` and ``orchestrator`` to its workers; ``options`` go to ``ray.init``."""
     modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
-    ray.init(address=address, runtime_env={"py_modules": modules})
+    ray.init(address=address, runtime_env={"py_modules": modules}, **options)

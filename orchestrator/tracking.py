@@ -49,6 +49,7 @@ from capi_core.config import TrainConfig, flatten
 from capi_core.train import Callback, Trainer
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import YAML_FILE, SweepOutcome, SweepState
+from orchestrator.uris import safe_uri  # noqa: F401 - re-exported: callers know it from here
 
 log = logging.getLogger(__name__)
 # MLflow prints "View run ... at: <tracking URI>" whenever a run ends, with any user:password in the
@@ -107,14 +108,6 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri
 
 
-def safe_uri(uri: str) -> str:
-    """``uri`` without any user:password part, for messages."""
-    parsed = urlparse(uri)
-    if parsed.password is None and parsed.username is None:
-        return uri
-    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
-
-
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError unless the store at ``uri`` answers (HTTP) or can be written (local), quickly."""
     parsed = urlparse(uri)
@@ -142,6 +135,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
+
+
+def quiet_logs() -> None:
+    """MLflow's INFO lines (creating a sqlite store's tables, ...) off a console that has its own."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------- params and tags
@@ -351,13 +349,16 @@ def child_run_id(state: SweepState, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
-    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
+def close_run(uri: str, run_id: str, stopped_early: str | None = None) -> None:
+    """Close a trial's MLflow run if it is still RUNNING: FINISHED, or, when ``stopped_early`` names
+    why (the scheduler's rung, the time budget), KILLED with that reason in ``capi.stopped_early``.
+    MLflow has no status for "stopped by the scheduler"; KILLED sets those runs apart in the runs
+    table at a glance, and the tag says who stopped them."""
     client = mlflow_client(uri)
     if client.get_run(run_id).info.status == "RUNNING":
         if stopped_early:
-            client.set_tag(run_id, STOPPED_TAG, "true")
-        client.set_terminated(run_id, "FINISHED")
+            client.set_tag(run_id, STOPPED_TAG, stopped_early)
+        client.set_terminated(run_id, "KILLED" if stopped_early else "FINISHED")
 
 
 def record_exploit(uri: str, run_id: str, exploit: str) -> None:
