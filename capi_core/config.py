@@ -182,6 +182,11 @@ class ProbeConfig(_Strict):
     test_images: int = Field(1000, ge=10)
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0.0)
+    diagnostic_images: int = Field(64, ge=0, description="probe queries on which the run's end measures its EMA "
+                                                         "teacher's diag/ metrics (high-norm tokens, norm quantiles, "
+                                                         "attention to registers); 0: none")
+    picture_images: int = Field(8, ge=0, description="probe queries drawn at the run's end (PCA of the patch "
+                                                     "features, attention, token norms) into <run>/pictures; 0: none")
 
 
 class RunConfig(_Strict):

@@ -16,10 +16,7 @@ import orchestrator
 
 # Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
 # process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
-# RAY_AUTH_MODE=token: a local Ray turns token authentication on by default anyway, and says so in a
-# warning on every start; asking for it explicitly keeps it on and the console quiet.
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # it polls for node drains
-                 "RAY_AUTH_MODE": "token"}
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
 
 
 def init_local_ray(**options) -> None:

@@ -56,6 +56,9 @@ class SweepState:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    # MLflow's source tags of the driver's command (command line, user, git commit), for the trials'
+    # runs: in a Ray worker the command line is Ray's.
+    source: dict[str, str] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         atomic_write_text(Path(directory) / STATE_FILE, json.dumps(asdict(self), indent=1))

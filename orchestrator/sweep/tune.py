@@ -174,13 +174,14 @@ def quiet_console(verbose: bool) -> dict:
     """Keep Ray's, Tune's and MLflow's own lines off the sweep's console unless ``verbose``, and
     return the ``ray.init`` options that do the same for Ray: no worker output forwarded to the
     driver (Train's controller and worker logs, its dead-controller clean-up notices, Ray's
-    de-duplication notices), and only warnings from Ray's own loggers."""
+    de-duplication notices), and only errors from Ray's own loggers (its warning that token
+    authentication is on, which it is by our choice, came on every start)."""
     if verbose:
         return {"log_to_driver": True, "logging_level": logging.INFO}
     for key, value in QUIET_TUNE_ENV.items():
         os.environ.setdefault(key, value)
     track.quiet_logs()
-    return {"log_to_driver": False, "logging_level": logging.WARNING}
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
 
 
 def init_ray(spec: SweepSpec, address: str | None, verbose: bool = False) -> bool:
@@ -250,7 +251,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(directory.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[SweepProgress(run_spec, state, directory), *result_loggers(verbose)]),
+                callbacks=[SweepProgress(run_spec, state, directory), *result_loggers()]),
         )
         return _fit(tuner, run_spec, state, directory)
     finally:
