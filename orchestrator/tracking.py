@@ -249,12 +249,27 @@ def source_tags() -> dict[str, str]:
     Computed where a command runs; a sweep's trials get the driver's (``SweepState.source``), since
     in a Ray worker the command line is Ray's.
     """
-    argv = [Path(sys.argv[0]).name, *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    argv = [_program(sys.argv[0]), *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
     tags = {MLFLOW_SOURCE_NAME: " ".join(argv)[:500], MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: _user()}
     commit = git_commit()
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
     return tags
+
+
+def _program(argv0: str) -> str:
+    """``capi`` for the console script, ``python -m pytest`` for a module run as a script."""
+    path = Path(argv0)
+    return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+
+
+def runs_page(uri: str, server: str, experiment: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI at ``server``. MLflow 3.17's UI
+    opens every experiment in its GenAI view whatever the experiment's kind tag says, unless the
+    address asks for the training view (``workflowType=machine_learning``, which it then remembers)."""
+    exp = mlflow_client(uri).get_experiment_by_name(experiment)
+    path = f"/#/experiments/{exp.experiment_id}/runs" if exp is not None else "/"
+    return f"{server.rstrip('/')}{path}?workflowType=machine_learning"
 
 
 def _user() -> str:

@@ -288,7 +288,7 @@ def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
     # deferred: MLflow
     from orchestrator.export import ExportError, export_best, export_run
-    from orchestrator.tracking import child_run_id, safe_uri
+    from orchestrator.tracking import best_effort, child_run_id, runs_page, safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
     _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise)
@@ -312,8 +312,8 @@ def _finish(outcome, do_export: bool) -> None:
         except ExportError as err:
             click.secho(f"not exported: {err}", fg="yellow", err=True)
     uri = safe_uri(state.tracking_uri)  # the state keeps any user:password; the log must not
-    if uri.startswith(("http://", "https://")):
-        click.echo(f"MLflow: open {uri} (experiment {state.experiment}, parent run {state.parent_run_id})")
-    else:
-        click.echo(f"MLflow: mlflow ui --backend-store-uri {uri}   (experiment {state.experiment}, "
-                   f"parent run {state.parent_run_id})")
+    server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = best_effort(lambda: runs_page(state.tracking_uri, server, state.experiment)) or server
+    if server != uri:
+        click.echo(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {uri}   (or `mlflow ui ...` in the activated venv)")
+    click.echo(f"MLflow: open {page}   (experiment {state.experiment}, parent run {state.parent_run_id})")
