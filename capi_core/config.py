@@ -245,7 +245,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "registers": 4, "predictor_depth": 1},
         "clustering": {"num_clusters": 64},
         "optim": {"steps": 20, "batch_size": 32, "lr": 1e-3, "ema_momentum": 0.99},
-        "probe": {"train_images": 100, "test_images": 50, "k": 5},
+        # End-of-run diagnostics on few images and two pictures: seconds matter in tests.
+        "probe": {"train_images": 100, "test_images": 50, "k": 5, "diagnostic_images": 16, "picture_images": 2},
         "run": {"log_every": 5, "precision": "fp32"},
     },
     # The CPU recipe, chosen by the study in sweeps/study/cpu_recipe.yaml (docs/cpu_recipe.md): on 2 cores

@@ -48,9 +48,9 @@ def _load(file: Path):
 
 
 def _print_summary(spec, file: Path) -> None:
-    # deferred: torch and MLflow
+    # deferred: numpy and pyarrow
     from orchestrator.sweep.storage import noise_note
-    from orchestrator.tracking import safe_uri
+    from orchestrator.uris import safe_uri
 
     base = spec.base_config
     flat = flatten(base)
