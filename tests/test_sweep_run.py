@@ -97,6 +97,19 @@ def test_search_space_scheduler_units_and_concurrency(tiny_dataset, tmp_path):
     assert Path(trial.data.dataset).is_absolute()
 
 
+def test_tune_noise_switches_hold_only_while_the_tuner_runs(monkeypatch):
+    from orchestrator.sweep.tune import QUIET_TUNE_ENV, quiet_tune
+
+    for key in QUIET_TUNE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # the user's own choice wins
+    with quiet_tune(verbose=False):
+        assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] == "1"
+    assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ and os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    with quiet_tune(verbose=True):  # --verbose: Tune as it comes
+        assert "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+
+
 def test_a_bad_file_stops_at_validation(tiny_dataset, tmp_path, mlflow_server):
     bad = sweep_file(tmp_path, "bad", tiny_dataset, mlflow_server, budget={"num_samples": 2})
     result = CliRunner().invoke(main, ["sweep", "run", str(bad)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,7 @@ def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
 
 
 class SweepProgress(tune.Callback):
-    """The sweep's console (``orchestrator.progress.SweepConsole``) fed from Tune's trial events; it
+    """The sweep's console (``orchestrator.sweep.console.SweepConsole``) fed from Tune's trial events; it
     also numbers the trials, records why a trial stopped early, and closes that trial's MLflow run.
 
     A trial that finishes its training closes its own run; one stopped early (ASHA, time budget) is
@@ -161,7 +162,8 @@ class SweepProgress(tune.Callback):
 # Tune's own console output, off unless --verbose: at verbose=0 its default output engine still prints
 # a configuration box and a TensorBoard hint, its legacy one prints nothing; and without automatic
 # loggers it adds no TensorBoard logger (the hint, and files no command reads). Both are Tune's
-# documented environment variables, read when the Tuner runs; a value the user set wins.
+# documented environment variables, read when the Tuner runs (set only for that while: the process may
+# run other Tuners, tests do); a value the user set wins.
 QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
@@ -178,10 +180,20 @@ def quiet_console(verbose: bool) -> dict:
     authentication is on, which it is by our choice, came on every start)."""
     if verbose:
         return {"log_to_driver": True, "logging_level": logging.INFO}
-    for key, value in QUIET_TUNE_ENV.items():
-        os.environ.setdefault(key, value)
     track.quiet_logs()
     return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+@contextmanager
+def quiet_tune(verbose: bool):
+    """``QUIET_TUNE_ENV`` while the Tuner runs, unless ``verbose``; the environment as it was afterwards."""
+    added = {} if verbose else {k: v for k, v in QUIET_TUNE_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def init_ray(spec: SweepSpec, address: str | None, verbose: bool = False) -> bool:
@@ -253,7 +265,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
                 callbacks=[SweepProgress(run_spec, state, directory), *result_loggers()]),
         )
-        return _fit(tuner, run_spec, state, directory)
+        return _fit(tuner, run_spec, state, directory, verbose)
     finally:
         if started:
             ray.shutdown()
@@ -273,15 +285,16 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None,
         track.reopen_sweep_run(state)
         tuner = tune.Tuner.restore(str(directory), trainable(spec, state),
                                    resume_unfinished=True, resume_errored=True)
-        return _fit(tuner, spec, state, directory)
+        return _fit(tuner, spec, state, directory, verbose)
     finally:
         if started:
             ray.shutdown()
 
 
-def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOutcome:
+def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path, verbose: bool = False) -> SweepOutcome:
     try:
-        tuner.fit()
+        with quiet_tune(verbose):
+            tuner.fit()
     except BaseException as err:
         track.best_effort(lambda: track.end_run(state.tracking_uri, state.parent_run_id,
                                                 "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
