@@ -263,7 +263,7 @@ def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
 
 def plot_registers(trials: list[TrialReport], out: Path) -> Path | None:
     """Register count against the high-norm patch-token fraction, one point per diagnosed trial."""
-    points = [(t.registers, t.high_norm, t.row.trial_id) for t in trials if t.high_norm is not None]
+    points = [(t.registers, t.high_norm, f"trial {t.row.label}") for t in trials if t.high_norm is not None]
     if not points:
         return None
     plt = pyplot()

@@ -228,7 +228,7 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
     result = CliRunner().invoke(main, ["sweep", "run", str(file)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "stopped early (ASHA rung at probe 1/" in result.output
+    assert "stopped early (ASHA rung at probe " in result.output
     assert "mlflow" in result.output.lower() and "parent run" in result.output
     assert re.search(r"\[\d+:\d\d\] trial 3/3 started: teacher_temp=0.03", result.output)
     assert "best so far: trial" in result.output and "\x1b[" not in result.output
@@ -240,7 +240,7 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     assert len({r.data.tags[TRIAL_TAG] for r in children}) == 3
     stopped = by_temp[0.5]
     # Stopped early: KILLED in the runs table, the tag naming the scheduler's rung; the others FINISHED.
-    assert stopped.info.status == "KILLED" and stopped.data.tags[STOPPED_TAG].startswith("ASHA rung at probe 1/")
+    assert stopped.info.status == "KILLED" and stopped.data.tags[STOPPED_TAG].startswith("ASHA rung at probe ")
     assert all(r.info.status == "FINISHED" for r in children if r is not stopped)
     # As ML researchers expect MLflow: a training experiment, source tags, runs named by their values,
     # the dataset as the runs' input.
