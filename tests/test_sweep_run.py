@@ -231,7 +231,9 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     assert "stopped early (ASHA rung at probe " in result.output
     assert "mlflow" in result.output.lower() and "parent run" in result.output
     assert re.search(r"\[\d+:\d\d\] trial 3/3 started: teacher_temp=0.03", result.output)
-    assert "best so far: trial" in result.output and "\x1b[" not in result.output
+    # (Escape codes and Ray's lines are checked on a real driver's console in the resume test: here the
+    # fixture's Ray forwards its workers' output into the same captured stream.)
+    assert "best so far: trial" in result.output
 
     client = mlflow_client(mlflow_server)
     parent, children = runs_of(client, "sweep-e2e")
@@ -241,7 +243,8 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     stopped = by_temp[0.5]
     # Stopped early: KILLED in the runs table, the tag naming the scheduler's rung; the others FINISHED.
     assert stopped.info.status == "KILLED" and stopped.data.tags[STOPPED_TAG].startswith("ASHA rung at probe ")
-    assert all(r.info.status == "FINISHED" for r in children if r is not stopped)
+    assert all(r.info.status == ("KILLED" if STOPPED_TAG in r.data.tags else "FINISHED") for r in children)
+    assert by_temp[0.02].info.status == "FINISHED"  # the best trial ran to its end
     # As ML researchers expect MLflow: a training experiment, source tags, runs named by their values,
     # the dataset as the runs' input.
     experiment = client.get_experiment_by_name("sweep-e2e")
@@ -304,8 +307,8 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     # status reads the same from storage, without Ray work.
     status = CliRunner().invoke(main, ["sweep", "status", "e2e", "--storage", str(tmp_path / "sweeps")])
     assert status.exit_code == 0, status.output
-    for trial_id in rows:
-        assert trial_id in status.output
+    for number in (1, 2, 3):  # trials by their number in the sweep, as the console named them
+        assert re.search(rf"^\s*{number}\*?\s+(TERMINATED|STOPPED)\b", status.output, re.M), status.output
     assert "STOPPED" in status.output and "TERMINATED" in status.output
 
     # The report shows every trial, in the page and the plots, and lands in the parent run.
