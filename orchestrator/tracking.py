@@ -249,12 +249,21 @@ def source_tags() -> dict[str, str]:
     Computed where a command runs; a sweep's trials get the driver's (``SweepState.source``), since
     in a Ray worker the command line is Ray's.
     """
-    argv = [_program(sys.argv[0]), *sys.argv[1:]] if sys.argv and sys.argv[0] else ["python"]
+    argv = [_program(sys.argv[0]), *map(_public_arg, sys.argv[1:])] if sys.argv and sys.argv[0] else ["python"]
     tags = {MLFLOW_SOURCE_NAME: " ".join(argv)[:500], MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: _user()}
     commit = git_commit()
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
     return tags
+
+
+def _public_arg(arg: str) -> str:
+    """A command-line word fit for a tag: a URI without its user:password, a secret-named
+    ``key=value`` with its value redacted (the command line may carry ``--tracking-uri http://u:p@...``)."""
+    if "://" in arg:
+        return safe_uri(arg)
+    key, eq, _ = arg.partition("=")
+    return f"{key}={REDACTED}" if eq and _SECRET.search(key) else arg
 
 
 def _program(argv0: str) -> str:
