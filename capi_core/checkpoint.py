@@ -19,13 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from capi_core.atomic import atomic_directory
+# The directory layout lives in checkpoint_dirs (no torch there, so that reading a sweep's state stays fast).
+from capi_core.checkpoint_dirs import (STATE, WEIGHTS, checkpoint_name, find_checkpoint,  # noqa: F401 - re-exported
+                                       latest_checkpoint, list_checkpoints)
 from capi_core.config import TrainConfig, describe
 from capi_core.errors import CapiError
 from capi_core.models.encoder import Encoder
 from capi_core.models.student import Student
 
-WEIGHTS = "model.safetensors"
-STATE = "state.json"
 FORMAT_VERSION = 1
 
 
@@ -34,10 +35,6 @@ class CheckpointError(CapiError, RuntimeError):
 
     hint = ("check the path, or point at another checkpoint; a damaged step-* directory of a run can be "
             "removed to fall back to the one before it")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 def save_checkpoint(directory: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
@@ -121,27 +118,6 @@ def check_matches(module: torch.nn.Module, weights: dict[str, torch.Tensor], fil
             f"{file} does not match the architecture in its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}, different shapes {shapes}"
         )
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints under ``run_dir/checkpoints``, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE).is_file() and (p / WEIGHTS).is_file())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint under ``run_dir/checkpoints``; None if it has none."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def find_checkpoint(path: Path) -> Path | None:
-    """``path`` itself if it is a checkpoint directory, else the latest checkpoint of the run directory
-    ``path``; None if it is neither."""
-    path = Path(path)
-    return path if (path / STATE).exists() else latest_checkpoint(path)
 
 
 def resume_checkpoint(path: Path) -> Path | None:

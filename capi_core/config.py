@@ -216,6 +216,11 @@ class ProbeConfig(_Strict):
     test_images: int = Field(1000, ge=10)
     k: int = Field(20, ge=1)
     temperature: float = Field(0.07, gt=0.0)
+    diagnostic_images: int = Field(64, ge=0, description="probe queries on which the run's end measures its EMA "
+                                                         "teacher's diag/ metrics (high-norm tokens, norm quantiles, "
+                                                         "attention to registers); 0: none")
+    picture_images: int = Field(8, ge=0, description="probe queries drawn at the run's end (PCA of the patch "
+                                                     "features, attention, token norms) into <run>/pictures; 0: none")
 
 
 class RunConfig(_Strict):
@@ -274,7 +279,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "registers": 4, "predictor_depth": 1},
         "clustering": {"num_clusters": 64},
         "optim": {"steps": 20, "batch_size": 32, "lr": 1e-3, "ema_momentum": 0.99},
-        "probe": {"train_images": 100, "test_images": 50, "k": 5},
+        # End-of-run diagnostics on few images and two pictures: seconds matter in tests.
+        "probe": {"train_images": 100, "test_images": 50, "k": 5, "diagnostic_images": 16, "picture_images": 2},
         "run": {"log_every": 5, "precision": "fp32"},
     },
     # The CPU recipe, chosen by the study in sweeps/study/cpu_recipe.yaml (docs/cpu_recipe.md): on 2 cores

@@ -32,7 +32,9 @@ from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
 from capi_core.errors import CapiError
+from capi_core.eval.diagnostics import diag_metrics, run_diagnostics
 from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
+from capi_core.eval.pictures import write_pictures
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
 from capi_core.memory import check_fits
@@ -282,6 +284,7 @@ class Trainer:
                 self._checkpoint(metrics)
         metrics = dict(metrics)
         metrics.update(self.probe(dataset_dir))
+        metrics.update(self.final_diagnostics())
         self._checkpoint(metrics)
         for cb in self.callbacks:
             cb.on_end(self, self.step, metrics)
@@ -328,6 +331,26 @@ class Trainer:
         trained = knn_score(self.teacher.encoder, self._probe_set, p.k, p.temperature, self.autocast_dtype)
         # probe/seconds: what this probe cost (the first also loads the images and, uncached, the baseline).
         return {**probe_metrics(trained, self._baseline), "probe/seconds": time.perf_counter() - start}
+
+    @torch.no_grad()
+    def final_diagnostics(self) -> dict[str, float]:
+        """On rank 0, at the end: the ``diag/`` metrics of the EMA teacher on the probe's first query
+        images, and its pictures (PCA of the patch features, attention, token norms) in
+        ``<run>/pictures``, which tracking logs with the run. The probe's images, because they are
+        already decoded and are the held-out split."""
+        p = self.config.probe
+        if not self.is_main or self._probe_set is None or not (p.diagnostic_images or p.picture_images):
+            return {}
+        encoder, queries = self.teacher.encoder, self._probe_set.test_x
+        metrics = {}
+        if p.diagnostic_images:
+            report = run_diagnostics(encoder, queries[:p.diagnostic_images])
+            metrics = diag_metrics(report)
+        if p.picture_images:
+            tau = report["outliers"]["tau"] if p.diagnostic_images else None
+            (self.run_dir / "pictures").mkdir(parents=True, exist_ok=True)
+            write_pictures(encoder, queries[:p.picture_images], self.run_dir / "pictures", tau=tau)
+        return metrics
 
     @property
     def probe_set(self) -> ProbeSet | None:

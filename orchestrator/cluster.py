@@ -47,8 +47,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def join_cluster(address: str) -> None:
+def join_cluster(address: str, **options) -> None:
     """Connect to the Ray cluster at ``address`` (``auto``, ``ray://HOST:PORT`` or a GCS address),
-    shipping ``capi_core`` and ``orchestrator`` to its workers."""
+    shipping ``capi_core`` and ``orchestrator`` to its workers; ``options`` go to ``ray.init``."""
     modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
-    ray.init(address=address, runtime_env={"py_modules": modules})
+    ray.init(address=address, runtime_env={"py_modules": modules}, **options)

@@ -4,10 +4,12 @@ The export directory holds
 
 * ``model.safetensors``: ``Encoder.vit.state_dict()`` of the checkpoint's EMA teacher, in timm's key
   layout (no pickle anywhere);
-* ``config.json``: ``architecture`` and ``model_args`` such that
-  ``timm.create_model(cfg["architecture"], pretrained=True,
-  pretrained_cfg_overlay=dict(file="model.safetensors"), **cfg["model_args"])`` loads it with no
-  missing or unexpected key, plus the input normalisation and where the weights came from;
+* ``config.json``: ``architecture``, a name that says what the network is (``capi_vit_w128_d4_h4_p7_reg4_gap_28``:
+  width, depth, heads, patch, registers, mean pooling, input size), and ``model_args`` such that
+  ``timm.models.vision_transformer.VisionTransformer(**cfg["model_args"])`` builds it and
+  ``load_state_dict`` fills it with no missing or unexpected key and no warning; ``pretrained_cfg``
+  (input size, mean, std) for timm's data helpers; the training configuration without this
+  machine's paths, the swept values as the config types them, and where the weights came from;
 * ``README.md``: a model card (metrics, configuration, data, sweep, how to load).
 
 ``export_run`` picks a run's checkpoint through the ``capi.checkpoint`` tag that tracking writes,
@@ -46,6 +48,8 @@ CONFIG = "config.json"
 CARD = "README.md"
 ARTIFACT_DIR = "export"
 ALIAS = "champion"
+TIMM_CLASS = "timm.models.vision_transformer.VisionTransformer"
+MACHINE_FIELDS = ("run.output_dir", "data.cache_dir", "run.name")  # left out of config.json's training
 
 
 class ExportError(CapiError, RuntimeError):
@@ -80,7 +84,13 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, provenance: dict[
                           "(an Encoder whose .vit is the network), or train with model.pos_embed=learned to export "
                           "timm weights")
     state = json.loads((checkpoint / STATE).read_text())
-    provenance = {**(provenance or {}), "checkpoint": str(checkpoint), "step": state.get("step"),
+    provenance = dict(provenance or {})
+    provenance.setdefault("checkpoint", str(checkpoint))  # a downloaded checkpoint's own URI, not the download's
+    swept = provenance.pop("swept", None)
+    if swept is not None:  # typed as the config types them (MLflow params are strings)
+        flat = flatten(config)
+        provenance["trial_params"] = {k: flat.get(k) for k in swept}
+    provenance = {**provenance, "step": state.get("step"),
                   "checkpoint_metrics": {k: v for k, v in state.get("metrics", {}).items() if _finite(v)}}
     cfg = export_config(encoder, config, provenance)
 
@@ -97,19 +107,41 @@ def export_config(encoder, config: TrainConfig, provenance: dict[str, Any]) -> d
     """config.json: how timm builds the model, how inputs are normalised, and where it came from."""
     c = config.model
     data = _dataset_facts(config)
+    input_size = [c.in_chans, c.img_size, c.img_size]
     return {
-        "architecture": encoder.timm_architecture,
+        "architecture": architecture_name(config),
+        "model_class": TIMM_CLASS,
         "model_args": encoder.timm_model_args(),
+        # For timm's data helpers (timm.data.resolve_data_config); input_size also keeps timm from
+        # adapting the patch embedding to 3 channels when the weights are loaded through pretrained_cfg_overlay.
+        "pretrained_cfg": {"input_size": input_size, "mean": data.get("mean"), "std": data.get("std"),
+                           "num_classes": 0},
         "num_features": c.embed_dim,
         "num_registers": c.registers,
-        "input_size": [c.in_chans, c.img_size, c.img_size],
+        "input_size": input_size,
         # The training reader's normalisation (the dataset manifest's statistics, 0-1 scale).
         "mean": data.get("mean"),
         "std": data.get("std"),
         "dataset": data,
-        "training": flatten(config),
+        "training": portable_config(config),
         "source": provenance,
     }
+
+
+def architecture_name(config: TrainConfig) -> str:
+    """What the exported network is, in timm's naming style: ``capi_vit_w128_d4_h4_p7_reg4_gap_28`` is width
+    128, depth 4, 4 heads, patch 7, 4 registers, mean-pooled patches, 28x28 inputs. No timm
+    name fits these small shapes (timm's names fix the width, depth and input size), so the
+    network is built from ``TIMM_CLASS`` and ``model_args`` rather than from a registered name."""
+    m = config.model
+    return (f"capi_vit_w{m.embed_dim}_d{m.depth}_h{m.num_heads}_p{m.patch_size}_reg{m.registers}_gap_"
+            f"{m.img_size}")
+
+
+def portable_config(config: TrainConfig) -> dict[str, Any]:
+    """The flattened training config without what only meant something on the training machine:
+    where the run wrote (a sweep's trial directory), the cache, the run's name there."""
+    return {k: v for k, v in flatten(config).items() if k not in MACHINE_FIELDS}
 
 
 def _dataset_facts(config: TrainConfig) -> dict[str, Any]:
@@ -132,7 +164,7 @@ def model_card(cfg: dict[str, Any], config: TrainConfig) -> str:
              f"{m.img_size}x{m.img_size}x{m.in_chans} input, {m.registers} registers, {m.pos_embed} positions) "
              f"pretrained with CAPI (cluster-and-predict latent patches). The weights are the EMA teacher "
              f"encoder at step {source.get('step')} of {config.optim.steps}, in timm's layout "
-             f"(`{cfg['architecture']}` with the model arguments in config.json).", "",
+             f"(`{cfg['architecture']}`: timm's `VisionTransformer` with the model arguments in config.json).", "",
              "## Metrics", ""]
     metrics = {**source.get("checkpoint_metrics", {})}
     if metrics:
@@ -174,11 +206,12 @@ def model_card(cfg: dict[str, Any], config: TrainConfig) -> str:
               f"{config.masking.strategy} at {config.masking.ratio:g}; {config.clustering.num_clusters} clusters; "
               f"temperatures student {config.loss.student_temp:g}, teacher {config.loss.teacher_temp:g}. "
               f"The full configuration is `training` in config.json.", "",
-              "## How to load", "", "```python", "import json, timm, torch", "",
+              "## How to load", "", "```python", "import json, torch",
+              "from safetensors.torch import load_file",
+              "from timm.models.vision_transformer import VisionTransformer", "",
               'cfg = json.load(open("config.json"))',
-              'model = timm.create_model(cfg["architecture"], pretrained=True,',
-              '                          pretrained_cfg_overlay=dict(file="model.safetensors"),',
-              '                          **cfg["model_args"]).eval()',
+              'model = VisionTransformer(**cfg["model_args"]).eval()',
+              'model.load_state_dict(load_file("model.safetensors"))',
               'x = torch.rand(1, *cfg["input_size"])  # images in [0, 1]',
               'x = (x - torch.tensor(cfg["mean"]).view(-1, 1, 1)) / torch.tensor(cfg["std"]).view(-1, 1, 1)',
               f"tokens = model.forward_features(x)  # [1, {m.registers} registers + patches, {m.embed_dim}]",
@@ -230,12 +263,11 @@ def export_run(uri: str, run_id: str, out: str | Path, metric: str | None = None
     if not location:
         raise ExportError(f"MLflow run {run_id} has no checkpoint (tag {CHECKPOINT_TAG}); did it finish?")
     sweep = run.data.tags.get(SWEEP_TAG)
-    params = run.data.params
     provenance = {
         "run_id": run_id, "run_name": run.info.run_name, "tracking_uri": safe_uri(uri), "sweep": sweep,
         "trial_id": run.data.tags.get(TRIAL_TAG), "parent_run_id": run.data.tags.get(PARENT_TAG),
         "metric": metric, "mode": mode, "value": run.data.metrics.get(metric) if metric else None,
-        "trial_params": {k: params.get(k) for k in json.loads(run.data.tags.get(SWEPT_TAG, "[]"))},
+        "swept": json.loads(run.data.tags.get(SWEPT_TAG, "[]")), "checkpoint": location,
     }
     with _local_checkpoint(location) as checkpoint:
         exported = export_checkpoint(checkpoint, out, provenance)

@@ -2,7 +2,7 @@
 rich progress bar (``capi train`` standalone) or as printed lines from Ray Train's rank 0.
 
 Both are trainer callbacks that act on rank 0 only; neither imports Ray, so a standalone run
-needs none.
+needs none. A sweep's console is ``orchestrator.sweep.console``.
 """
 
 from __future__ import annotations
@@ -75,3 +75,4 @@ def say(line: str) -> None:
     """Print ``line`` to the real stdout: in a Ray worker, Ray Train's patched print would also log
     it, and it would show twice."""
     print(line, file=sys.__stdout__, flush=True)
+

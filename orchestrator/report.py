@@ -1,6 +1,10 @@
 """A sweep's report: an HTML page with PNG plots and a table of every trial, logged to the parent run.
 
-Plots: the sweep metric against each swept parameter; learning curves of every trial (from MLflow's
+The page is self-contained: its PNGs are embedded as data URIs (MLflow's artifact viewer shows
+index.html alone, so relative image links would break there); the PNG files are kept beside it.
+
+Plots: the sweep metric against each swept parameter; a parallel-coordinates view of every trial's
+values and metric; each trial's k-NN over the same network at random init; learning curves of every trial (from MLflow's
 metric history, else the trial's metrics.jsonl); register count against the fraction of high-norm
 patch tokens of each trial's final EMA teacher (``capi_core.eval.diagnostics.run_diagnostics`` on a
 few held-out images; a trial without a checkpoint is listed as such).
@@ -8,6 +12,7 @@ few held-out images; a trial without a checkpoint is listed as such).
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import math
@@ -50,8 +55,8 @@ def build_report(storage: str | Path, name: str, out: Path | None = None, images
     out.mkdir(parents=True, exist_ok=True)
     trials = collect(spec, state, directory)
     _diagnose(spec, trials, images)
-    pictures = plot_metric_vs_params(spec, trials, out) + [plot_curves(spec, trials, out),
-                                                          plot_registers(trials, out)]
+    pictures = plot_metric_vs_params(spec, trials, out) + [plot_parallel(spec, trials, out), plot_gain(trials, out),
+                                                          plot_curves(spec, trials, out), plot_registers(trials, out)]
     (out / INDEX).write_text(render(spec, state, trials, [p for p in pictures if p]))
     if log:
         mlflow_client(state.tracking_uri).log_artifacts(state.parent_run_id, str(out), "report")
@@ -157,6 +162,84 @@ def plot_metric_vs_params(spec: SweepSpec, trials: list[TrialReport], out: Path)
     return paths
 
 
+def plot_parallel(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path | None:
+    """Parallel coordinates: one axis per swept field and one for the metric, one line per scored trial,
+    coloured by its metric, so that the values of the good trials read off at a glance. Each axis is
+    scaled to its own range (categorical values to their sorted order)."""
+    scored = [t for t in trials if t.row.metric is not None and math.isfinite(t.row.metric)]
+    params = list(spec.search_space)
+    if not scored or not params:
+        return None
+    plt = pyplot()
+    axes_values = [[t.row.params.get(p) for t in scored] for p in params] + [[t.row.metric for t in scored]]
+    labels = params + [spec.search.metric]
+    columns, ticks = [], []
+    for values in axes_values:
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if not numeric:
+            order = sorted({repr(v) for v in values})
+            values = [order.index(repr(v)) for v in values]
+            ticks.append(order)
+        else:
+            ticks.append(None)
+        lo, hi = min(values), max(values)
+        columns.append([(v - lo) / (hi - lo) if hi > lo else 0.5 for v in values])
+    metric = [t.row.metric for t in scored]
+    lo, hi = min(metric), max(metric)
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(max(5, 1.8 * len(labels)), 3.5))
+    for i, t in enumerate(scored):
+        ax.plot(range(len(labels)), [c[i] for c in columns], color=cmap((t.row.metric - lo) / (hi - lo) if hi > lo
+                                                                        else 1.0),
+                linestyle="-" if t.row.status == "TERMINATED" else "--", marker="o", label=t.row.label)
+    for x, (values, tick) in enumerate(zip(axes_values, ticks)):
+        ax.axvline(x, color="#999", linewidth=0.8)
+        if tick is None:  # numeric: its range at the ends
+            marks = [(0.0, f"{min(values):.3g}"), (1.0, f"{max(values):.3g}")]
+        else:  # categorical: every value at its place
+            marks = [(i / (len(tick) - 1) if len(tick) > 1 else 0.5, text) for i, text in enumerate(tick)]
+        for y, text in marks:
+            ax.annotate(text, (x, y), fontsize=7, xytext=(3, 0), textcoords="offset points")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_yticks([])
+    ax.set_title(f"trials across the swept fields, coloured by {spec.search.metric} (dashed: stopped early)",
+                 fontsize=9)
+    fig.tight_layout()
+    path = out / "parallel_coordinates.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_gain(trials: list[TrialReport], out: Path) -> Path | None:
+    """Each trial's online k-NN beside the same network's at its seeded random init on the same
+    probe images: what training added (``probe/knn_gain``), next to what the architecture gives
+    untrained."""
+    points = [t for t in trials if t.row.gain is not None and t.row.random_init is not None]
+    if not points:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(points) + 2), 3.5))
+    xs = range(len(points))
+    base = [t.row.random_init for t in points]
+    ax.bar(xs, base, color="#bbb", label="random init")
+    ax.bar(xs, [t.row.gain for t in points], bottom=base, color="tab:green", label="gain from training")
+    for x, t in zip(xs, points):
+        ax.annotate(f"{t.row.gain:+.1f}", (x, t.row.random_init + max(t.row.gain, 0)), ha="center", fontsize=8,
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(list(xs), [f"trial {t.row.label}" for t in points], fontsize=8)
+    low = min(min(base), min(b + t.row.gain for b, t in zip(base, points)))
+    ax.set_ylim(max(0.0, low - 5), None)
+    ax.set_ylabel("k-NN top-1 (%)")
+    ax.set_title("k-NN of each trial's EMA teacher over its random init (probe/knn_gain)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "gain_over_random_init.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
     """Learning curves of every trial: the sweep metric and the CAPI loss against the step."""
     plt = pyplot()
@@ -167,7 +250,7 @@ def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
             points = t.curves.get(key) or []
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="." if len(points) < 20 else None, label=t.row.trial_id)
+                ax.plot(steps, values, marker="." if len(points) < 20 else None, label=f"trial {t.row.label}")
         ax.set_xlabel("step")
         ax.set_ylabel(key)
     axes[0].legend(fontsize=7)
@@ -180,7 +263,7 @@ def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
 
 def plot_registers(trials: list[TrialReport], out: Path) -> Path | None:
     """Register count against the high-norm patch-token fraction, one point per diagnosed trial."""
-    points = [(t.registers, t.high_norm, t.row.trial_id) for t in trials if t.high_norm is not None]
+    points = [(t.registers, t.high_norm, f"trial {t.row.label}") for t in trials if t.high_norm is not None]
     if not points:
         return None
     plt = pyplot()
@@ -207,25 +290,27 @@ def render(spec: SweepSpec, state: SweepState, trials: list[TrialReport], pictur
     e = html.escape
     best = best_trial([t.row for t in trials], spec.search.mode)
     params = list(spec.search_space)
-    head = ["trial", "status", *params, f"best {spec.search.metric}", "gain", "last", "probes", "step", "registers",
+    head = ["trial", "Tune id", "status", *params, f"best {spec.search.metric}", "gain", "last", "probes", "step", "registers",
             "high-norm tokens", "MLflow run", "note"]
     rows = []
     for t in trials:
         r = t.row
-        cells = [r.trial_id + (" (best)" if best and r.trial_id == best.trial_id else ""), r.status,
+        cells = [r.label + (" (best)" if best and r.trial_id == best.trial_id else ""), r.trial_id, r.status,
                  *[r.params.get(p, "") for p in params], _num(r.metric),
                  "" if r.gain is None else f"{r.gain:+.1f}", _num(r.last), r.probe_evals, r.step or "",
                  "" if t.registers is None else t.registers,
                  "" if t.high_norm is None else f"{100 * t.high_norm:.2f}%", t.run_id or "",
                  t.note or (r.error or "")]
         rows.append("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in cells) + "</tr>")
-    summary = (f"best: trial {e(best.trial_id)} with {e(spec.search.metric)} = {best.metric:.4g} "
+    summary = (f"best: trial {e(best.label)} with {e(spec.search.metric)} = {best.metric:.4g} "
                f"({e(json.dumps(best.params))})" if best else "no trial reported the metric yet")
     if best is not None and best.gain is not None:
         summary += f", {best.gain:+.1f} k-NN points over the same network at random init"
     noise = noise_note(spec)
     missing = [t.row.trial_id for t in trials if t.high_norm is None]
-    figures = "\n".join(f'<figure><img src="{e(p.name)}" alt="{e(p.stem)}"></figure>' for p in pictures)
+    # Embedded, not linked: MLflow's artifact viewer shows index.html alone, where relative links break.
+    figures = "\n".join(f'<figure><img src="{data_uri(p)}" alt="{e(p.stem)}" title="{e(p.name)}"></figure>'
+                         for p in pictures)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>sweep {e(spec.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;font-size:13px}}
@@ -248,6 +333,11 @@ the log-norm histogram (capi_core.eval.diagnostics.norm_report); 0% where the hi
 {figures}
 </body></html>
 """
+
+
+def data_uri(path: Path) -> str:
+    """A PNG as a ``data:`` URI, so that the page shows it with no file beside it."""
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def _num(value: float | None) -> str:

@@ -20,11 +20,14 @@ The store is MLflow's own choice unless told otherwise: ``--tracking-uri``, then
 
 from __future__ import annotations
 
+import getpass
+import hashlib
 import json
 import logging
 import os
 import platform
 import re
+import subprocess
 import sys
 import time
 import urllib.error
@@ -38,18 +41,25 @@ from urllib.parse import unquote, urlparse
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import (MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE,
+                                      MLFLOW_USER)
 from pydantic import BaseModel, ConfigDict, Field
 
 from capi_core.checkpoint import STATE, list_checkpoints
 from capi_core.config import TrainConfig, flatten
 from capi_core.errors import CapiError
+from capi_core.data import resolve_dataset
+from capi_core.data.format import load_manifest
+from capi_core.eval.diagnostics import diag_metrics
 from capi_core.train import Callback, Trainer
+from orchestrator.sweep.console import describe_values
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import YAML_FILE, SweepOutcome, SweepState
+from orchestrator.uris import safe_uri  # noqa: F401 - re-exported: callers know it from here
 
 log = logging.getLogger(__name__)
 # MLflow prints "View run ... at: <tracking URI>" whenever a run ends, with any user:password in the
@@ -58,6 +68,7 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 RUN_ID_KEY = "mlflow_run_id"  # key in Trainer.metadata, hence in every checkpoint's state.json
+URI_KEY = "mlflow_tracking_uri"  # beside it, without credentials: where `capi eval` logs its results
 PARENT_TAG = "mlflow.parentRunId"
 CHECKPOINT_TAG = "capi.checkpoint"
 SWEEP_TAG = "capi.sweep"
@@ -66,6 +77,9 @@ TRIAL_TAG = "capi.trial_id"
 SWEPT_TAG = "capi.swept_params"  # JSON list of the sweep's dimensions, on every child run
 STOPPED_TAG = "capi.stopped_early"
 EXPLOITS_TAG = "capi.pbt_exploits"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, "Detect issues"), where
+# runs show only after switching to "Model training"; this value makes it open as a training experiment.
+EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 REDACTED = "***"
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 # MLflow's per-call limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch.
@@ -90,6 +104,7 @@ class TrackingOptions(BaseModel):
     experiment: str = Field("capi", min_length=1, description="MLflow experiment, created when missing")
     parent_run_id: str | None = Field(None, description="nest the run under this run (sweeps)")
     tags: dict[str, str] = Field(default_factory=dict, description="extra tags for the run")
+    run_name: str | None = Field(None, description="the MLflow run's name; None: the config's run.name")
 
 
 # ----------------------------------------------------------------------------------------- URIs
@@ -108,14 +123,6 @@ def resolve_uri(uri: str | None = None) -> str:
         path = parsed.path if parsed.scheme == "file" else uri
         return Path(path).expanduser().absolute().as_uri()
     return uri
-
-
-def safe_uri(uri: str) -> str:
-    """``uri`` without any user:password part, for messages."""
-    parsed = urlparse(uri)
-    if parsed.password is None and parsed.username is None:
-        return uri
-    return parsed._replace(netloc=parsed.hostname + (f":{parsed.port}" if parsed.port else "")).geturl()
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -145,6 +152,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
 
 def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
+
+
+def quiet_logs() -> None:
+    """MLflow's INFO lines (creating a sqlite store's tables, ...) off a console that has its own."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 # ------------------------------------------------------------------------------- params and tags
@@ -208,13 +220,15 @@ def _experiment_id(client, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
         except MlflowException:  # created meanwhile by a concurrent run (sweep trials)
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or choose another --experiment")
+    if EXPERIMENT_KIND_TAG not in exp.tags:  # made before capi tagged its experiments
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
     return exp.experiment_id
 
 
@@ -233,12 +247,85 @@ def open_run(uri: str, config: TrainConfig, options: TrackingOptions, run_id: st
     if run_id and _existing_run(client, run_id) is not None:
         client.update_run(run_id, status="RUNNING")
         return run_id
-    tags = {**options.tags, "capi.run_name": config.run.name}
+    tags = {**source_tags(), **options.tags, "capi.run_name": config.run.name}
     if options.parent_run_id:
         tags[PARENT_TAG] = options.parent_run_id
-    run = client.create_run(_experiment_id(client, options.experiment), run_name=config.run.name,
+    run = client.create_run(_experiment_id(client, options.experiment), run_name=options.run_name or config.run.name,
                             tags=redact(tags))
     return run.info.run_id
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard source tags, which its UI shows as "Source", "Created by" and the commit: the
+    command line, the user and the git commit of the code that runs (when it is a git checkout).
+
+    Computed where a command runs; a sweep's trials get the driver's (``SweepState.source``), since
+    in a Ray worker the command line is Ray's.
+    """
+    argv = [_program(sys.argv[0]), *map(_public_arg, sys.argv[1:])] if sys.argv and sys.argv[0] else ["python"]
+    tags = {MLFLOW_SOURCE_NAME: " ".join(argv)[:500], MLFLOW_SOURCE_TYPE: "LOCAL", MLFLOW_USER: _user()}
+    commit = git_commit()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
+def _public_arg(arg: str) -> str:
+    """A command-line word fit for a tag: a URI without its user:password, a secret-named
+    ``key=value`` with its value redacted (the command line may carry ``--tracking-uri http://u:p@...``)."""
+    if "://" in arg:
+        return safe_uri(arg)
+    key, eq, _ = arg.partition("=")
+    return f"{key}={REDACTED}" if eq and _SECRET.search(key) else arg
+
+
+def _program(argv0: str) -> str:
+    """``capi`` for the console script, ``python -m pytest`` for a module run as a script."""
+    path = Path(argv0)
+    return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
+
+
+def runs_page(uri: str, server: str, experiment: str) -> str:
+    """The address of an experiment's runs table in the MLflow UI at ``server``. MLflow 3.17's UI
+    opens every experiment in its GenAI view whatever the experiment's kind tag says, unless the
+    address asks for the training view (``workflowType=machine_learning``, which it then remembers)."""
+    exp = mlflow_client(uri).get_experiment_by_name(experiment)
+    path = f"/#/experiments/{exp.experiment_id}/runs" if exp is not None else "/"
+    return f"{server.rstrip('/')}{path}?workflowType=machine_learning"
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (containers)
+        return str(os.getuid())
+
+
+def git_commit(where: Path = Path(__file__).parent) -> str | None:
+    """The commit checked out where this code lives, or None outside a git checkout (an installed wheel)."""
+    try:
+        done = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", commit) else None
+
+
+def log_dataset(client, run_id: str, config: TrainConfig) -> None:
+    """The run's training data as its MLflow input (the Datasets column and the run's Inputs):
+    the dataset's name, a digest of its shards and its split sizes; once per run."""
+    if client.get_run(run_id).inputs.dataset_inputs:
+        return
+    root = resolve_dataset(config.data.dataset, config.data.cache_dir)
+    manifest = load_manifest(root)
+    digest = hashlib.sha256("".join(sorted(s.sha256 for s in manifest.shards)).encode()).hexdigest()[:16]
+    dataset = Dataset(name=manifest.name, digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(Path(root).absolute())}),
+                      profile=json.dumps({"splits": manifest.splits, "classes": len(manifest.class_names),
+                                          "channels": manifest.channels, "image_size": manifest.image_size}))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT,
+                                                                              config.data.split)])])
 
 
 def log_config(uri: str, run_id: str, config: TrainConfig) -> None:
@@ -305,8 +392,9 @@ def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepS
     """Create the sweep's parent run with the sweep file, search space, settings and base config."""
     client = mlflow_client(uri)
     experiment = spec.mlflow.experiment or spec.name
+    source = source_tags()
     run = client.create_run(_experiment_id(client, experiment), run_name=spec.name,
-                            tags={SWEEP_TAG: spec.name, ROLE_TAG: "sweep"})
+                            tags={**source, SWEEP_TAG: spec.name, ROLE_TAG: "sweep"})
     run_id = run.info.run_id
     if source_text is not None:
         client.log_text(run_id, source_text, YAML_FILE)
@@ -320,7 +408,7 @@ def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepS
     client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
                                              "search.metric": spec.search.metric, "search.mode": spec.search.mode,
                                              "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
-    return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id)
+    return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id, source=source)
 
 
 def _params(values: dict[str, Any]) -> list:
@@ -332,12 +420,20 @@ def reopen_sweep_run(state: SweepState) -> None:
     mlflow_client(state.tracking_uri).update_run(state.parent_run_id, status="RUNNING")
 
 
-def trial_options(state: SweepState, spec: SweepSpec, trial_id: str) -> TrackingOptions:
+def trial_options(state: SweepState, spec: SweepSpec, trial_id: str,
+                  values: dict[str, Any] | None = None) -> TrackingOptions:
     """Where a trial logs: a child of the sweep's parent run, tagged with the sweep, the trial id and
     the swept fields (so an export can name the trial's values)."""
     return TrackingOptions(uri=state.tracking_uri, experiment=state.experiment, parent_run_id=state.parent_run_id,
-                           tags={SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
-                                 SWEPT_TAG: json.dumps(list(spec.search_space))})
+                           tags={**state.source, SWEEP_TAG: spec.name, TRIAL_TAG: trial_id,
+                                 SWEPT_TAG: json.dumps(list(spec.search_space))},
+                           run_name=trial_name(values) if values else None)
+
+
+def trial_name(values: dict[str, Any]) -> str:
+    """A trial's MLflow run name: its swept values (``registers=4 ema_final=0.994``), which the runs
+    table shows where a trial id would tell nothing."""
+    return describe_values(values)[:250]
 
 
 def child_runs(uri: str, parent_run_id: str) -> list:
@@ -364,13 +460,16 @@ def child_run_id(state: SweepState, trial_id: str) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
-def close_run(uri: str, run_id: str, stopped_early: bool = False) -> None:
-    """Mark a trial's MLflow run FINISHED if it is still RUNNING (tagged when stopped early)."""
+def close_run(uri: str, run_id: str, stopped_early: str | None = None) -> None:
+    """Close a trial's MLflow run if it is still RUNNING: FINISHED, or, when ``stopped_early`` names
+    why (the scheduler's rung, the time budget), KILLED with that reason in ``capi.stopped_early``.
+    MLflow has no status for "stopped by the scheduler"; KILLED sets those runs apart in the runs
+    table at a glance, and the tag says who stopped them."""
     client = mlflow_client(uri)
     if client.get_run(run_id).info.status == "RUNNING":
         if stopped_early:
-            client.set_tag(run_id, STOPPED_TAG, "true")
-        client.set_terminated(run_id, "FINISHED")
+            client.set_tag(run_id, STOPPED_TAG, stopped_early)
+        client.set_terminated(run_id, "KILLED" if stopped_early else "FINISHED")
 
 
 def record_exploit(uri: str, run_id: str, exploit: str) -> None:
@@ -378,6 +477,41 @@ def record_exploit(uri: str, run_id: str, exploit: str) -> None:
     client = mlflow_client(uri)
     exploits = json.loads(client.get_run(run_id).data.tags.get(EXPLOITS_TAG, "[]"))
     client.set_tag(run_id, EXPLOITS_TAG, json.dumps(exploits + [exploit]))
+
+
+def checkpoint_run(checkpoint: Path) -> tuple[str | None, str | None, int]:
+    """(MLflow run id, tracking URI, step) that a checkpoint's state.json names, as far as it names them."""
+    try:
+        state = json.loads((Path(checkpoint) / STATE).read_text())
+    except (OSError, ValueError):
+        return None, None, 0
+    metadata = state.get("metadata", {})
+    return metadata.get(RUN_ID_KEY), metadata.get(URI_KEY), int(state.get("step", 0))
+
+
+def log_eval(uri: str, run_id: str, report: dict[str, Any], step: int, pictures: list[str] = ()) -> None:
+    """A ``capi eval`` report into the checkpoint's run: each probe's test top-1 as ``eval/<probe>_top1``,
+    the gain over random init and the diagnostics' scalars as metrics at the checkpoint's step; the
+    probes as a table (``eval/probes.json``, MLflow's table artifact, viewable and comparable across
+    runs in the UI); eval.json and the pictures as artifacts under ``eval/``."""
+    client = mlflow_client(uri)
+    now = int(time.time() * 1000)
+    values = {f"eval/{r['probe']}_top1": r["top1"] for r in report["probes"] if r.get("top1") is not None}
+    for key in ("knn_random_init", "knn_gain"):
+        if report.get(key) is not None:
+            values[f"eval/{key}"] = report[key]
+    if report.get("diagnostics"):
+        values.update({f"eval/{k}": v for k, v in diag_metrics(report["diagnostics"]).items()})
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+    rows = report["probes"]
+    client.log_table(run_id, {"probe": [r["probe"] for r in rows], "test_top1": [r.get("top1") for r in rows],
+                              "selected": [json.dumps(r.get("selected", {})) for r in rows],
+                              "params": [r.get("params") for r in rows], "note": [r.get("note", "") for r in rows],
+                              "dataset": [report["dataset"]] * len(rows), "step": [step] * len(rows)},
+                     "eval/probes.json")
+    client.log_dict(run_id, report, "eval/eval.json")
+    for picture in pictures:
+        client.log_artifact(run_id, picture, "eval/pictures")
 
 
 def log_sweep_summary(outcome: SweepOutcome) -> None:
@@ -443,11 +577,13 @@ class MlflowTracking(Callback):
         config = self.config or trainer.config
         self.run_id = open_run(self.uri, config, self.options, saved or self.run_id)
         trainer.metadata[RUN_ID_KEY] = self.run_id
+        trainer.metadata[URI_KEY] = safe_uri(self.uri)
         log_config(self.uri, self.run_id, config)
         tags = system_tags(trainer)
         if trainer.step:
             tags["capi.resumed_at_step"] = str(trainer.step)
         self.client.log_batch(self.run_id, tags=_tags(tags))
+        self._try(lambda: log_dataset(self.client, self.run_id, config))
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.is_main:

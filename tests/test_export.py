@@ -6,7 +6,9 @@ No Ray: a standalone Trainer run tracked in a real ``mlflow server`` stands in f
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
 
 from capi_core import checkpoint as ckpt
 from capi_core.config import build_config
@@ -42,10 +45,32 @@ def trained(mlflow_server, tiny_dataset, tmp_path_factory):
 
 
 def load_timm(out: Path):
+    """The card's recipe: timm's VisionTransformer from model_args, the weights loaded strictly, and
+    not one warning on the way (timm's channel-adaptation notice included)."""
     cfg = json.loads((out / "config.json").read_text())
-    model = timm.create_model(cfg["architecture"], pretrained=True,
-                              pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")), **cfg["model_args"])
+    with warnings.catch_warnings(), _no_log_warnings():
+        warnings.simplefilter("error")
+        model = VisionTransformer(**cfg["model_args"])
+        model.load_state_dict(load_file(str(out / "model.safetensors")))
+        # timm's own loader, with the config's pretrained_cfg: no "source channels" adaptation notice.
+        timm.create_model("vit_base_patch16_224", pretrained=True, **cfg["model_args"], pretrained_cfg_overlay=dict(
+            file=str(out / "model.safetensors"), **cfg["pretrained_cfg"]))
     return model.eval(), cfg
+
+
+class _no_log_warnings(logging.Handler):
+    """Fails on any WARNING that timm logs while it is active."""
+
+    def __enter__(self):
+        logging.getLogger("timm").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("timm").removeHandler(self)
+
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            raise AssertionError(f"timm warned: {record.getMessage()}")
 
 
 def test_export_loads_in_timm_with_the_checkpoint_features_and_is_registered(mlflow_server, trained, tiny_dataset,
@@ -74,7 +99,14 @@ def test_export_loads_in_timm_with_the_checkpoint_features_and_is_registered(mlf
     card = (out / "README.md").read_text()
     knn = ckpt.load_checkpoint(final)[1]["metrics"]["probe/knn_top1"]
     assert f"| probe/knn_top1 | {knn:.4g} |" in card and run_id in card
-    assert "timm.create_model" in card and manifest.name in card
+    assert "VisionTransformer(**cfg[\"model_args\"])" in card and manifest.name in card
+    # The name says what the network is; the training config holds nothing of this machine's run
+    # directories (source.checkpoint alone says where the weights came from).
+    m = config.model
+    assert cfg["architecture"] == (f"capi_vit_w{m.embed_dim}_d{m.depth}_h{m.num_heads}_p{m.patch_size}"
+                                   f"_reg{m.registers}_gap_{m.img_size}")
+    assert str(final.parents[2]) not in json.dumps(cfg["training"])
+    assert "run.output_dir" not in cfg["training"] and cfg["pretrained_cfg"]["input_size"][0] == m.in_chans
 
     # Logged to the run and registered from those artifacts, aliased champion.
     c = client(mlflow_server)

@@ -313,3 +313,21 @@ def run_diagnostics(model: nn.Module, images: Tensor, mode: str = "valley", tau:
         # per layer: mean over images, heads and query tokens; entropies normalised (1 = uniform)
         "attention_flow": {name: torch.cat(values).mean(dim=0).tolist() for name, values in flows.items()},
     }
+
+
+def diag_metrics(report: dict) -> dict[str, float]:
+    """The scalars of a ``run_diagnostics`` report that a run logs as ``diag/`` metrics at its end:
+    the high-norm token detector on the last block's patches (Darcet et al., "Vision Transformers Need
+    Registers", ICLR 2024, Sec. 2: artifact tokens with ~10x the norm of the others), their norm
+    quantiles, and where the patches' attention goes in the last block (to the registers, if any)."""
+    out = report["outliers"]
+    metrics = {"diag/high_norm_fraction": float(out["fraction"]),
+               "diag/images_with_outlier": float(out.get("images_with_outlier") or 0.0)}
+    for key in ("q50", "q90", "q99", "max", "max_over_median"):
+        if key in out["quantiles"]:
+            metrics[f"diag/norm_{key.replace('.', '_')}"] = float(out["quantiles"][key])
+    for name in ("patch_to_registers", "register_to_patches", "patch_to_patches", "patch_patch_entropy"):
+        per_layer = report["attention_flow"].get(name)
+        if per_layer:
+            metrics[f"diag/attn_{name}"] = float(per_layer[-1])
+    return metrics

@@ -124,8 +124,13 @@ def _parse_probes(text: str) -> list[str]:
 @click.option("--include-registers", is_flag=True, help="Let the probes pool over register tokens too.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output directory. Default: CHECKPOINT/eval (eval-random-init with --random-init).")
+@click.option("--log/--no-log", "log_mlflow", default=True,
+              help="Log the results (metrics, the probe table, pictures) to the MLflow run the checkpoint names.")
+@click.option("--tracking-uri", default=None,
+              help="MLflow store of that run; default: the one the checkpoint names, else MLFLOW_TRACKING_URI.")
 def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_size, device, precision, seed,
-        probe_list, diagnostics, pictures, diagnostic_images, picture_images, epochs, include_registers, out) -> None:
+        probe_list, diagnostics, pictures, diagnostic_images, picture_images, epochs, include_registers, out,
+        log_mlflow, tracking_uri) -> None:
     """Probe a checkpoint's frozen features; write eval.json (and PNGs) and print a table.
 
     \b
@@ -165,6 +170,25 @@ def run(checkpoint, random_init, which, dataset, limit_train, limit_test, batch_
     _write_json(out / "eval.json", report.to_dict())
     _print_table(report.to_dict(), report.probes)
     click.echo(f"wrote {out / 'eval.json'}" + (f" and {len(report.pictures)} pictures" if pictures else ""))
+    if log_mlflow and not random_init:  # a baseline belongs to no training run
+        _log_to_run(checkpoint, report, tracking_uri)
+
+
+def _log_to_run(checkpoint: Path, report, tracking_uri: str | None) -> None:
+    """Log the evaluation into the MLflow run that trained the checkpoint; a store that is gone or a
+    checkpoint of an untracked run only gets a note: the results are on disk already."""
+    # deferred: MLflow
+    from capi_core.checkpoint import find_checkpoint
+    from orchestrator.tracking import best_effort, checkpoint_run, log_eval, resolve_uri, safe_uri
+
+    found = find_checkpoint(checkpoint)
+    run_id, saved_uri, step = checkpoint_run(found) if found else (None, None, 0)
+    if not run_id:
+        click.echo("MLflow: the checkpoint names no MLflow run (trained without tracking); nothing logged")
+        return
+    uri = resolve_uri(tracking_uri or saved_uri)
+    if best_effort(lambda: log_eval(uri, run_id, report.to_dict(), step, report.pictures or []) or True):
+        click.echo(f"MLflow: logged to run {run_id} at {safe_uri(uri)} (metrics eval/*, table eval/probes.json)")
 
 
 def _print_table(report: dict, results) -> None:

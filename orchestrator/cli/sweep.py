@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -46,9 +47,9 @@ def _load(file: Path):
 
 
 def _print_summary(spec, file: Path) -> None:
-    # deferred: torch and MLflow
+    # deferred: numpy and pyarrow
     from orchestrator.sweep.storage import noise_note
-    from orchestrator.tracking import safe_uri
+    from orchestrator.uris import safe_uri
 
     base = spec.base_config
     flat = flatten(base)
@@ -86,6 +87,8 @@ def _print_summary(spec, file: Path) -> None:
         console.print(f"probe: {noise}")
 
 
+_VERBOSE_HELP = ("also show Ray's, Tune's and MLflow's own output: worker logs, Tune's reporter, Ray's "
+                 "warnings (off by default: the sweep prints its own progress)")
 _STORAGE_HELP = "where sweeps live (a sweep file's storage); default: the sweep schema's default"
 _ADDRESS_HELP = "join a running cluster: auto, or ray://HEAD:10001; default: start a local Ray"
 
@@ -99,7 +102,8 @@ def _storage(storage: Path | None) -> Path:
 @click.option("--address", default=None, help=_ADDRESS_HELP)
 @click.option("--export/--no-export", "do_export", default=True,
               help="export the best trial to <storage>/<name>/export and register it (alias champion)")
-def run(file: Path, address: str | None, do_export: bool) -> None:
+@click.option("--verbose", is_flag=True, help=_VERBOSE_HELP)
+def run(file: Path, address: str | None, do_export: bool, verbose: bool) -> None:
     """Run the sweep in FILE with Ray Tune, tracked in MLflow.
 
     Validates FILE first (nothing starts on a bad file), starts a local Ray sized for the sweep
@@ -107,12 +111,21 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
     exports the best one and says how to open MLflow. An interrupted sweep continues with
     `capi sweep resume NAME`.
     """
+    spec = _load(file)
+    _announce(spec, address)  # before the imports below, which take seconds
     # deferred: Ray
     from orchestrator.sweep.tune import run_sweep
 
-    spec = _load(file)
-    outcome = run_sweep(spec, file, address)
+    outcome = run_sweep(spec, file, address, verbose)
     _finish(outcome, do_export)
+
+
+def _announce(spec, address: str | None) -> None:
+    """The sweep's first line, printed as soon as the file is valid: what is about to run, where."""
+    at_once = spec.budget.max_concurrent_trials or "as many as fit"
+    where = f"joining Ray at {address}" if address else "starting a local Ray"
+    click.echo(f"sweep {spec.name}: {spec.num_trials()} trials ({spec.search.algorithm} search for the "
+               f"{spec.search.mode} of {spec.search.metric}), {at_once} at a time; {where} ...")
 
 
 @sweep.command()
@@ -120,17 +133,19 @@ def run(file: Path, address: str | None, do_export: bool) -> None:
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
 @click.option("--address", default=None, help=_ADDRESS_HELP)
 @click.option("--export/--no-export", "do_export", default=True, help="export the best trial at the end")
-def resume(name: str, storage: Path | None, address: str | None, do_export: bool) -> None:
+@click.option("--verbose", is_flag=True, help=_VERBOSE_HELP)
+def resume(name: str, storage: Path | None, address: str | None, do_export: bool, verbose: bool) -> None:
     """Continue the interrupted sweep NAME without re-running finished trials.
 
     Unfinished and errored trials go on from their latest checkpoints, into the same MLflow runs.
     Ray Tune restores its state by unpickling files in <storage>/NAME: only resume sweeps from
     storage you (this tool) wrote, never a directory someone else can write to.
     """
+    click.echo(f"resuming sweep {name} ...")
     # deferred: Ray
     from orchestrator.sweep.tune import resume_sweep
 
-    outcome = resume_sweep(_storage(storage), name, address)
+    outcome = resume_sweep(_storage(storage), name, address, verbose)
     _finish(outcome, do_export)
 
 
@@ -138,10 +153,13 @@ def resume(name: str, storage: Path | None, address: str | None, do_export: bool
 @click.argument("name")
 @click.option("--storage", type=click.Path(file_okay=False, path_type=Path), default=None, help=_STORAGE_HELP)
 def status(name: str, storage: Path | None) -> None:
-    """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray."""
-    # deferred: torch and MLflow
+    """Show each trial of sweep NAME (status, values, best metric) from its storage; starts no Ray.
+
+    Reads the sweep's files only (no Ray, MLflow or torch is imported), so it answers in about a second.
+    """
+    # deferred: numpy and pyarrow
     from orchestrator.sweep.storage import load_sweep_run, noise_note, trial_rows
-    from orchestrator.tracking import safe_uri
+    from orchestrator.uris import safe_uri
 
     spec, state, directory = load_sweep_run(_storage(storage), name)
     rows = trial_rows(directory, spec)
@@ -200,23 +218,39 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
         click.echo(f"follow it with: ray job logs --address {address} --follow {job_id}")
 
 
+TABLE_WIDTH = 80  # the final table where the output is no terminal (logs, CI): the width people read
+
+
 def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | None = None) -> None:
-    # deferred: torch
+    """The trials as a table that fits 80 columns: each trial by its number in the sweep and its
+    swept values under short names; stop reasons and errors below it, where they have the width."""
+    # deferred: numpy and pyarrow
+    from orchestrator.sweep.console import describe_values, short_names, show_value
     from orchestrator.sweep.storage import best_trial
 
     best = best_trial(rows, mode)
-    table = Table("trial", "status", *params, f"best {metric}", "gain", "last", "probes", "step")
+    names = short_names(params)
+    gain = metric != "probe/knn_gain"  # else the gain is the metric itself
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for header in ("trial", "status", *names.values(), f"best {metric.rsplit('/', 1)[-1]}",
+                   *(["gain"] if gain else []), "probes", "step"):
+        table.add_column(header, overflow="fold")
     for r in rows:
         style = "bold green" if best is not None and r.trial_id == best.trial_id else None
-        table.add_row(r.trial_id, r.status + (f": {r.error}" if r.error else ""),
-                      *[str(r.params.get(p, "")) for p in params], _num(r.metric), _signed(r.gain), _num(r.last),
-                      str(r.probe_evals), str(r.step or ""), style=style)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # logs: no truncated cells
+        table.add_row(r.label + ("*" if style else ""), r.status, *[show_value(r.params.get(p, "")) for p in params],
+                      _num(r.metric), *([_signed(r.gain)] if gain else []), str(r.probe_evals), str(r.step or ""),
+                      style=style)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
     console.print(table)
+    for r in rows:
+        if r.stop_reason:
+            console.print(f"trial {r.label} stopped early: {r.stop_reason}")
+        if r.error:
+            console.print(f"trial {r.label} failed: {r.error}")
     if best is not None:
-        values = ", ".join(f"{k}={v}" for k, v in best.params.items())
-        gain = f" ({best.gain:+.1f} points over random init)" if best.gain is not None else ""
-        console.print(f"best: trial {best.trial_id} ({values}) with {metric} {best.metric:.4g}{gain}")
+        gained = f" ({best.gain:+.1f} points over random init)" if best.gain is not None else ""
+        console.print(f"best (*): trial {best.label} ({describe_values(best.params, names)}) with {metric} "
+                      f"{best.metric:.4g}{gained}")
     console.print("gain: probe/knn_gain, the trial's k-NN minus the same network's at random init, same probe set")
     if noise:
         console.print(noise)
@@ -234,7 +268,7 @@ def _finish(outcome, do_export: bool) -> None:
     """Table, best trial, export of the best, and how to look at it all in MLflow."""
     # deferred: MLflow
     from orchestrator.export import ExportError, export_best, export_run
-    from orchestrator.tracking import child_run_id, safe_uri
+    from orchestrator.tracking import best_effort, child_run_id, runs_page, safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
     _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise)
@@ -258,8 +292,8 @@ def _finish(outcome, do_export: bool) -> None:
         except ExportError as err:
             click.secho(f"not exported: {err}", fg="yellow", err=True)
     uri = safe_uri(state.tracking_uri)  # the state keeps any user:password; the log must not
-    if uri.startswith(("http://", "https://")):
-        click.echo(f"MLflow: open {uri} (experiment {state.experiment}, parent run {state.parent_run_id})")
-    else:
-        click.echo(f"MLflow: mlflow ui --backend-store-uri {uri}   (experiment {state.experiment}, "
-                   f"parent run {state.parent_run_id})")
+    server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = best_effort(lambda: runs_page(state.tracking_uri, server, state.experiment)) or server
+    if server != uri:
+        click.echo(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {uri}   (or `mlflow ui ...` in the activated venv)")
+    click.echo(f"MLflow: open {page}   (experiment {state.experiment}, parent run {state.parent_run_id})")

@@ -8,11 +8,15 @@ Layout of ``<storage>/<name>/`` (the Tune experiment directory):
   ``result.json``), which ``capi sweep resume`` restores;
 * ``capi_sweep.json``: the MLflow store, experiment and parent run id, so a resume reuses them;
 * ``sweep.json`` (the validated sweep, local paths made absolute) and ``sweep.yaml`` (as written);
+* ``capi_trials.json``: what the driver learns about each trial that Tune's files do not say: its
+  number in the sweep (1, 2, ... in the order Tune created the trials; Tune's ids are hashes under
+  some searchers) and why it was stopped early (the scheduler's rung or the time budget);
 * ``trials/<name>-<trial id>/``: each trial's Ray Train run (checkpoints, metrics.jsonl). The name is
   stable per trial, so a restarted trial resumes from its latest checkpoint instead of starting over;
   a trial that finished before an interruption reports its last checkpoint's metrics and trains no more.
 
-Limits: storage must be a local or shared filesystem every node sees.
+Limits: storage must be a local or shared filesystem every node sees. Nothing here imports torch
+either: ``capi sweep status`` answers in about a second.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_write_text
-from capi_core.checkpoint import STATE, latest_checkpoint
+from capi_core.checkpoint_dirs import STATE, latest_checkpoint
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, resolve_dataset
 from capi_core.errors import CapiError
-from capi_core.eval.online_probe import probe_noise
+from capi_core.eval.noise import probe_noise
 from orchestrator.sweep.spec import SweepSpec
 
 PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
@@ -37,6 +41,7 @@ STATE_FILE = "capi_sweep.json"
 SPEC_FILE = "sweep.json"
 YAML_FILE = "sweep.yaml"
 TRIALS_DIR = "trials"
+NOTES_FILE = "capi_trials.json"
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune statuses that `capi sweep resume` continues
 
 
@@ -52,6 +57,9 @@ class SweepState:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    # MLflow's source tags of the driver's command (command line, user, git commit), for the trials'
+    # runs: in a Ray worker the command line is Ray's.
+    source: dict[str, str] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         atomic_write_text(Path(directory) / STATE_FILE, json.dumps(asdict(self), indent=1))
@@ -81,6 +89,13 @@ class TrialRow:
     error: str | None = None
     gain: float | None = None  # probe/knn_gain (points over random init) in the report with the best metric
     random_init: float | None = None  # probe/knn_random_init: the same network untrained, same probe set
+    number: int | None = None  # the trial's place in the sweep, 1-based (``capi_trials.json``)
+    stop_reason: str | None = None  # why a STOPPED trial was stopped (scheduler rung, time budget)
+
+    @property
+    def label(self) -> str:
+        """How tables name the trial: its number, else (not yet numbered) its Tune id."""
+        return str(self.number) if self.number is not None else self.trial_id
 
 
 @dataclass
@@ -135,17 +150,49 @@ def save_sweep_run(directory: Path, spec: SweepSpec, state: SweepState, source: 
         shutil.copyfile(source, directory / YAML_FILE)
 
 
+def list_sweeps(storage: str | Path) -> list[str]:
+    """Names of the sweeps capi started under ``storage`` (directories with a ``capi_sweep.json``)."""
+    root = Path(storage)
+    return sorted(p.parent.name for p in root.glob(f"*/{STATE_FILE}")) if root.is_dir() else []
+
+
 def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepState, Path]:
     """The spec and MLflow state a sweep directory holds (written by ``save_sweep_run``)."""
     directory = sweep_dir(storage, name)
     if not directory.is_dir():
-        raise SweepError(f"no sweep {name!r} in {directory.parent}")
+        known = list_sweeps(directory.parent)
+        raise SweepError(f"no sweep {name!r} in {directory.parent}; "
+                         + (f"sweeps there: {', '.join(known)}" if known else "it holds no sweep")
+                         + " (--storage names another directory)")
     state = SweepState.load(directory)
     try:
         spec = SweepSpec.model_validate_json((directory / SPEC_FILE).read_text())
     except (OSError, ValueError) as err:
         raise SweepError(f"{directory / SPEC_FILE} is unreadable: {err}") from None
     return spec, state, directory
+
+
+def load_trial_notes(directory: Path) -> dict[str, dict[str, Any]]:
+    """trial id -> {"number": k, "stopped": reason}, as the driver recorded them (empty if none yet)."""
+    notes = _read_json(Path(directory) / NOTES_FILE)
+    return notes if isinstance(notes, dict) else {}
+
+
+def save_trial_notes(directory: Path, notes: dict[str, dict[str, Any]]) -> None:
+    atomic_write_text(Path(directory) / NOTES_FILE, json.dumps(notes, indent=1))
+
+
+def number_trials(notes: dict[str, dict[str, Any]], trial_ids: list[str]) -> bool:
+    """Give every trial in ``trial_ids`` (Tune's creation order) without a number the next one;
+    True if any was added. Numbers never change, so a resumed sweep keeps its trials' names."""
+    taken = max((n.get("number", 0) for n in notes.values()), default=0)
+    added = False
+    for trial_id in trial_ids:
+        if "number" not in notes.get(trial_id, {}):
+            taken += 1
+            notes.setdefault(trial_id, {})["number"] = taken
+            added = True
+    return added
 
 
 def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
@@ -184,6 +231,7 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
         trial_id = trial_dir.name.removeprefix("trial_")
         if trial_id not in trial_dirs and trial_dir not in claimed:
             trial_dirs[trial_id] = trial_dir
+    notes = load_trial_notes(directory)
     rows = []
     for trial_id, trial_dir in sorted(trial_dirs.items()):
         params = _read_json(trial_dir / "params.json") or {}
@@ -203,8 +251,11 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
                              metric=pick(values) if values else None, last=values[-1] if values else None,
                              probe_evals=evals, step=results[-1].get("step") if results else None,
                              error=error[0] if error else None, gain=best_result.get("probe/knn_gain"),
-                             random_init=best_result.get("probe/knn_random_init")))
-    return rows
+                             random_init=best_result.get("probe/knn_random_init"),
+                             number=notes.get(trial_id, {}).get("number"),
+                             stop_reason=notes.get(trial_id, {}).get("stopped") if status == "STOPPED" else None))
+    # By number, as the console named them; trials not numbered yet last, by id.
+    return sorted(rows, key=lambda r: (r.number is None, r.number or 0, r.trial_id))
 
 
 def _trial_states(directory: Path) -> dict[str, tuple[str, str]]:

@@ -140,7 +140,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         tune.report({**final, PROBE_EVALS: probes_per_run(config)})
         return
 
-    options = track.trial_options(state, spec, trial_id)
+    options = track.trial_options(state, spec, trial_id, {path: params[path] for path in spec.search_space})
     known = track.child_run_id(state, trial_id) or track.run_id_in_checkpoints(path)
     run_id = track.open_run(state.tracking_uri, config, options, known)
     if donor is not None:

@@ -12,24 +12,27 @@ best trial's metric as ``best/<metric>`` and its ids as tags) and one child run 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import tracking as track
 from orchestrator.cluster import init_local_ray, join_cluster
+from orchestrator.sweep.console import SweepConsole, stop_reason
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, STATE_FILE, TRIALS_DIR, SweepError, SweepOutcome, SweepState,
-                                        load_sweep_run, noise_note, save_sweep_run, sweep_dir, trial_dirname,
-                                        trial_rows)
+                                        load_sweep_run, load_trial_notes, noise_note, number_trials,
+                                        save_sweep_run, save_trial_notes, sweep_dir, trial_dirname, trial_rows)
 from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
 from orchestrator.train import TrainingError, absolute_paths, check_dataset
 
@@ -97,42 +100,105 @@ def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
 
 
 class SweepProgress(tune.Callback):
-    """Prints one line per trial event and closes the MLflow runs of trials the scheduler stopped.
+    """The sweep's console (``orchestrator.sweep.console.SweepConsole``) fed from Tune's trial events; it
+    also numbers the trials, records why a trial stopped early, and closes that trial's MLflow run.
 
     A trial that finishes its training closes its own run; one stopped early (ASHA, time budget) is
-    killed mid-training, so its run is closed here as FINISHED with ``capi.stopped_early``.
+    killed mid-training, so its run is closed here as KILLED with ``capi.stopped_early`` naming the
+    reason: the runs table then tells it from the finished ones by its status.
     """
 
-    def __init__(self, state: SweepState, metric: str, reports: int):
-        self.state, self.metric, self.reports = state, metric, reports
+    def __init__(self, spec: SweepSpec, state: SweepState, directory: Path):
+        self.state, self.directory = state, directory
+        self.scheduler, self.time_limit_s = spec.scheduler, spec.budget.time_limit_s
+        self.metric, self.mode, self.reports = spec.search.metric, spec.search.mode, spec.reports_per_trial()
+        self.total = spec.num_trials()
+        self.setup()
 
-    def _say(self, trial, text: str) -> None:
-        print(f"[trial {trial.trial_id}] {text}", file=sys.stdout, flush=True)
+    def setup(self, **info) -> None:
+        """At the experiment's start, also when ``capi sweep resume`` restores this callback from
+        Tune's pickled state: the clock starts now, and the notes are read back from storage."""
+        self.notes = load_trial_notes(self.directory)
+        self.console = SweepConsole(total=self.total, reports=self.reports, metric=self.metric, mode=self.mode)
+
+    def _number(self, trials) -> None:
+        if number_trials(self.notes, [t.trial_id for t in trials]):
+            save_trial_notes(self.directory, self.notes)
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        self._number(trials)  # in Tune's creation order, before a trial's first event
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        values = ", ".join(f"{k}={v}" for k, v in trial.config.items())
-        self._say(trial, f"started: {values}")
+        self._number(trials)
+        self.console.started(trial.trial_id, self.notes[trial.trial_id]["number"], trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
-        shown = f"{value:.4g}" if isinstance(value, (int, float)) else value
-        self._say(trial, f"probe {result.get(PROBE_EVALS, '?')}/{self.reports} at step {result.get('step', '?')}: "
-                         f"{self.metric} {shown}")
+        self.console.result(trial.trial_id, int(result.get(PROBE_EVALS, 0)), result.get("step"),
+                            value if isinstance(value, (int, float)) else None)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        last = trial.last_result or {}
-        early = last.get(PROBE_EVALS, 0) < self.reports
-        self._say(trial, "stopped early (scheduler or time budget)" if early else "finished")
+        probes = int((trial.last_result or {}).get(PROBE_EVALS, 0))
+        reason = None
+        if probes < self.reports:
+            reason = stop_reason(probes, self.reports, self.console.now() - self.console.start, self.time_limit_s,
+                                 self.scheduler.type, getattr(self.scheduler, "reduction_factor", 2.0))
+            self.notes.setdefault(trial.trial_id, {})["stopped"] = reason
+            save_trial_notes(self.directory, self.notes)
+        self.console.ended(trial.trial_id, reason)
         run_id = track.best_effort(lambda: track.child_run_id(self.state, trial.trial_id))
-        if early and run_id:
-            track.best_effort(lambda: track.close_run(self.state.tracking_uri, run_id, stopped_early=True))
+        if reason and run_id:
+            track.best_effort(lambda: track.close_run(self.state.tracking_uri, run_id, stopped_early=reason))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"failed; see {trial.path}/error.txt")
+        error_file = Path(trial.path) / "error.txt"
+        try:
+            cause = error_file.read_text().strip().splitlines()[-1]
+        except (OSError, IndexError):
+            cause = "see Tune's log"
+        self.console.failed(trial.trial_id, f"{cause[:200]} (full error: {error_file})")
 
 
-def init_ray(spec: SweepSpec, address: str | None) -> bool:
+# Tune's own console output, off unless --verbose: at verbose=0 its default output engine still prints
+# a configuration box and a TensorBoard hint, its legacy one prints nothing; and without automatic
+# loggers it adds no TensorBoard logger (the hint, and files no command reads). Both are Tune's
+# documented environment variables, read when the Tuner runs (set only for that while: the process may
+# run other Tuners, tests do); a value the user set wins.
+QUIET_TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
+def result_loggers() -> list:
+    """Tune's per-trial result files: result.json (``trial_rows`` reads it) and progress.csv."""
+    return [JsonLoggerCallback(), CSVLoggerCallback()]
+
+
+def quiet_console(verbose: bool) -> dict:
+    """Keep Ray's, Tune's and MLflow's own lines off the sweep's console unless ``verbose``, and
+    return the ``ray.init`` options that do the same for Ray: no worker output forwarded to the
+    driver (Train's controller and worker logs, its dead-controller clean-up notices, Ray's
+    de-duplication notices), and only errors from Ray's own loggers (its warning that token
+    authentication is on, which it is by our choice, came on every start)."""
+    if verbose:
+        return {"log_to_driver": True, "logging_level": logging.INFO}
+    track.quiet_logs()
+    return {"log_to_driver": False, "logging_level": logging.ERROR}
+
+
+@contextmanager
+def quiet_tune(verbose: bool):
+    """``QUIET_TUNE_ENV`` while the Tuner runs, unless ``verbose``; the environment as it was afterwards."""
+    added = {} if verbose else {k: v for k, v in QUIET_TUNE_ENV.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def init_ray(spec: SweepSpec, address: str | None, verbose: bool = False) -> bool:
     """Join ``address`` (shipping our packages) or start a local Ray sized for the sweep; True if started."""
+    options = quiet_console(verbose)
     if ray.is_initialized():
         return False
     # A Ray job (`capi sweep submit`) runs this with RAY_ADDRESS set: join that cluster, since Ray
@@ -147,9 +213,9 @@ def init_ray(spec: SweepSpec, address: str | None) -> bool:
         # Keep the dashboard: a trial that Tune stops takes its Train controller with it, and Ray frees that
         # controller's placement group only after the dashboard's State API reports it dead. Without it,
         # the leaked groups hold their CPUs and later trials wait forever.
-        init_local_ray(num_cpus=cpus, include_dashboard=True)
+        init_local_ray(num_cpus=cpus, include_dashboard=True, **options)
     else:
-        join_cluster(address)
+        join_cluster(address, **options)
     return True
 
 
@@ -162,7 +228,8 @@ def _reachable(uri: str) -> str:
     return uri
 
 
-def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None = None) -> SweepOutcome:
+def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None = None,
+              verbose: bool = False) -> SweepOutcome:
     """Run a validated sweep to the end and return its trials.
 
     Creates ``<storage>/<name>`` (refusing one that exists: resume it instead), the MLflow parent
@@ -178,7 +245,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             check_dataset(spec.base_config)
         except TrainingError as err:
             raise SweepError(f"base {err}") from None
-    started = init_ray(spec, address)
+    started = init_ray(spec, address, verbose)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         run_spec = portable(spec, directory)
@@ -196,15 +263,16 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(directory.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[SweepProgress(state, spec.search.metric, spec.reports_per_trial())]),
+                callbacks=[SweepProgress(run_spec, state, directory), *result_loggers()]),
         )
-        return _fit(tuner, run_spec, state, directory)
+        return _fit(tuner, run_spec, state, directory, verbose)
     finally:
         if started:
             ray.shutdown()
 
 
-def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> SweepOutcome:
+def resume_sweep(storage: str | Path, name: str, address: str | None = None,
+                 verbose: bool = False) -> SweepOutcome:
     """Continue an interrupted sweep: unfinished and errored trials run on from their checkpoints,
     finished ones are kept. Tune's restore unpickles its state: only our own storage is read."""
     spec, state, directory = load_sweep_run(storage, name)
@@ -212,20 +280,21 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None) -> 
         raise SweepError(f"{directory} holds no Tune state to resume (the sweep stopped before its first "
                          f"trial); remove it and run the sweep again")
     _reachable(state.tracking_uri)
-    started = init_ray(spec, address)
+    started = init_ray(spec, address, verbose)
     try:
         track.reopen_sweep_run(state)
         tuner = tune.Tuner.restore(str(directory), trainable(spec, state),
                                    resume_unfinished=True, resume_errored=True)
-        return _fit(tuner, spec, state, directory)
+        return _fit(tuner, spec, state, directory, verbose)
     finally:
         if started:
             ray.shutdown()
 
 
-def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path) -> SweepOutcome:
+def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path, verbose: bool = False) -> SweepOutcome:
     try:
-        tuner.fit()
+        with quiet_tune(verbose):
+            tuner.fit()
     except BaseException as err:
         track.best_effort(lambda: track.end_run(state.tracking_uri, state.parent_run_id,
                                                 "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",

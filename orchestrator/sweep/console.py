@@ -1,0 +1,179 @@
+"""What a sweep shows on the console: a plain line per trial event, with the sweep's progress, ETA
+and best trial so far (``SweepConsole``, fed by the driver's Tune callback), and the short names
+under which trials and their values appear there and in the final table.
+
+Nothing here imports Ray, MLflow or torch: ``capi sweep status`` formats its table with it, fast.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+
+def short_names(paths: list[str]) -> dict[str, str]:
+    """Each dotted field by its last part (``model.registers`` -> ``registers``), unless two fields
+    share it: then by the full path. Short names keep a trial's values on one console line."""
+    last = [p.rsplit(".", 1)[-1] for p in paths]
+    return {p: (tail if last.count(tail) == 1 else p) for p, tail in zip(paths, last)}
+
+
+def show_value(value: Any) -> str:
+    """A swept value as a person reads it: floats to 4 significant digits, the rest as written."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def describe_values(values: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """``registers=4 ema_final=0.994``."""
+    names = names or short_names(list(values))
+    return " ".join(f"{names.get(k, k)}={show_value(v)}" for k, v in values.items())
+
+
+def clock(seconds: float) -> str:
+    """``1:05:09`` / ``4:02``: elapsed and remaining times on the sweep console."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def stop_reason(probes: int, reports: int, elapsed_s: float, time_limit_s: float | None, scheduler: str,
+                reduction_factor: float = 2.0) -> str:
+    """Why a trial ended before its last probe: the sweep's time budget, or the scheduler's rung.
+
+    Tune stops every running trial once ``time_limit_s`` is spent, so a trial that ends early at
+    that moment was stopped by the budget; otherwise only the scheduler stops trials. ASHA stops a
+    trial at a rung (a probe count) when it is not in the top 1/reduction_factor of the trials
+    that reached that rung (Li et al., "A System for Massively Parallel Hyperparameter Tuning", 2020).
+    """
+    if time_limit_s and elapsed_s >= 0.99 * time_limit_s:
+        return f"time budget of {time_limit_s:g} s spent, at probe {probes}/{reports}"
+    if scheduler == "asha":
+        return (f"ASHA rung at probe {probes}/{reports}: not in the top 1/{reduction_factor:g} of the trials "
+                f"there")
+    if scheduler == "pbt":
+        return f"PBT stopped it at probe {probes}/{reports}"
+    return f"stopped at probe {probes}/{reports}"
+
+
+@dataclass
+class TrialView:
+    """One trial as the sweep console knows it."""
+
+    number: int  # 1-based: the trial's place in the sweep, stable across resumes
+    values: dict[str, Any]
+    state: str = "running"  # running, done, stopped, failed
+    probes: int = 0
+    best: float | None = None
+
+
+@dataclass
+class SweepConsole:
+    """The live view of a sweep: one plain line per trial event (start, probe, end), each with the
+    elapsed time, and after every end how many trials are done, the ETA and the best so far with its
+    values. Plain lines read the same in a terminal, a log file and a CI page; ``echo`` drops colour
+    where the output is no terminal.
+
+    The ETA assumes every remaining probe takes as long as the ones so far took on average (with
+    as many trials at once): it is an upper bound where a scheduler stops trials early.
+    """
+
+    total: int  # trials in the sweep
+    reports: int  # probe evaluations of a full trial
+    metric: str
+    mode: str
+    echo: Callable[[str], None] = click.echo
+    now: Callable[[], float] = time.monotonic
+    trials: dict[str, TrialView] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)  # field -> short name
+
+    def __post_init__(self) -> None:
+        self.start = self.now()
+
+    # ------------------------------------------------------------------------------ events
+    def started(self, trial_id: str, number: int, values: dict[str, Any]) -> None:
+        if not self.names:
+            self.names = short_names(list(values))
+        known = self.trials.get(trial_id)
+        self.trials[trial_id] = TrialView(number, dict(values), probes=known.probes if known else 0,
+                                          best=known.best if known else None)
+        self._say(f"{self._label(trial_id)} started: {describe_values(values, self.names)}")
+
+    def result(self, trial_id: str, probes: int, step: int | None, value: float | None) -> None:
+        trial = self._trial(trial_id)
+        trial.probes = max(trial.probes, probes)
+        if isinstance(value, (int, float)) and (trial.best is None or self._better(value, trial.best)):
+            trial.best = float(value)
+        shown = "n/a" if value is None else f"{value:.4g}"
+        self._say(f"{self._label(trial_id)} probe {probes}/{self.reports} at step {step}: {self.metric} {shown}")
+
+    def ended(self, trial_id: str, stopped: str | None = None) -> None:
+        """A trial's end: done (all probes) or ``stopped`` early, with the reason."""
+        trial = self._trial(trial_id)
+        trial.state = "stopped" if stopped else "done"
+        best = "" if trial.best is None else f", best {self.metric} {trial.best:.4g}"
+        self._say(f"{self._label(trial_id)} " + (f"stopped early ({stopped}){best}" if stopped else f"done{best}"))
+        self._summary()
+
+    def failed(self, trial_id: str, error: str) -> None:
+        self._trial(trial_id).state = "failed"
+        self._say(f"{self._label(trial_id)} failed: {error}")
+        self._summary()
+
+    # ----------------------------------------------------------------------------- figures
+    def best(self) -> TrialView | None:
+        scored = [t for t in self.trials.values() if t.best is not None]
+        if not scored:
+            return None
+        return (max if self.mode == "max" else min)(scored, key=lambda t: t.best)
+
+    def eta_s(self) -> float | None:
+        """Seconds left at the pace so far: probes still to run over probes run per second."""
+        done = sum(t.probes for t in self.trials.values())
+        if not done:
+            return None
+        left = sum(self.reports - t.probes for t in self.trials.values() if t.state == "running")
+        left += (self.total - len(self.trials)) * self.reports
+        return left * (self.now() - self.start) / done
+
+    def summary_line(self) -> str:
+        states = [t.state for t in self.trials.values()]
+        ended = sum(s != "running" for s in states)
+        parts = [f"{ended}/{self.total} trials ended"]
+        details = [f"{states.count(s)} {s}" for s in ("stopped", "failed") if states.count(s)]
+        if details:
+            parts[0] += f" ({', '.join(details)})"
+        if states.count("running"):
+            parts.append(f"{states.count('running')} running")
+        eta = self.eta_s()
+        if eta is not None and ended < self.total:
+            parts.append(f"ETA {clock(eta)}")
+        line = ", ".join(parts)
+        best = self.best()
+        if best is not None:
+            line += (f"; best so far: trial {best.number} ({describe_values(best.values, self.names)}) "
+                     f"{self.metric} {best.best:.4g}")
+        return line
+
+    # ---------------------------------------------------------------------------- internals
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def _trial(self, trial_id: str) -> TrialView:
+        if trial_id not in self.trials:  # an event of a trial restored before this console saw it start
+            self.trials[trial_id] = TrialView(len(self.trials) + 1, {})
+        return self.trials[trial_id]
+
+    def _label(self, trial_id: str) -> str:
+        return f"trial {self._trial(trial_id).number}/{self.total}"
+
+    def _summary(self) -> None:
+        self._say(self.summary_line())
+
+    def _say(self, text: str) -> None:
+        self.echo(f"[{clock(self.now() - self.start)}] {text}")

@@ -1,0 +1,89 @@
+"""The sweep console's pure logic: event lines, ETA, best so far, stop reasons, trial numbers, and
+the final table's width. No Ray: a fake clock and a list stand in for time and the terminal."""
+
+from __future__ import annotations
+
+import re
+
+from click.testing import CliRunner
+
+from orchestrator.cli import sweep as sweep_cli
+from orchestrator.sweep.console import SweepConsole, clock, describe_values, short_names, stop_reason
+from orchestrator.sweep.storage import TrialRow, list_sweeps, number_trials
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_console_lines_eta_and_best_so_far():
+    lines, now = [], Clock()
+    console = SweepConsole(total=3, reports=4, metric="probe/knn_gain", mode="max", echo=lines.append, now=now)
+    console.started("a1_00000", 1, {"model.registers": 0, "optim.ema_final": 0.994})
+    console.started("a1_00001", 2, {"model.registers": 4, "optim.ema_final": 0.994})
+    now.t += 60
+    console.result("a1_00000", 1, 300, 2.5)
+    console.result("a1_00001", 1, 300, 3.25)
+    assert lines[0] == "[0:00] trial 1/3 started: registers=0 ema_final=0.994"
+    assert lines[-1] == "[1:00] trial 2/3 probe 1/4 at step 300: probe/knn_gain 3.25"
+    # 2 probes in 60 s; 3 + 3 left of the running trials and 4 of the one not started: 300 s.
+    assert console.eta_s() == 300
+    now.t += 60
+    console.result("a1_00000", 2, 600, 1.0)
+    console.ended("a1_00000", stopped=stop_reason(2, 4, 120, None, "asha", 2))
+    assert "trial 1/3 stopped early (ASHA rung at probe 2/4: not in the top 1/2" in lines[-2]
+    # 3 probes in 120 s; 3 left of the running trial, none of the stopped one, 4 of the one not started.
+    assert lines[-1] == ("[2:00] 1/3 trials ended (1 stopped), 1 running, ETA 4:40; best so far: trial 2 "
+                         "(registers=4 ema_final=0.994) probe/knn_gain 3.25")
+    console.failed("a1_00001", "RuntimeError: boom")
+    assert lines[-2].endswith("trial 2/3 failed: RuntimeError: boom") and "1 failed" in lines[-1]
+    assert not any("\x1b[" in line for line in lines)
+
+
+def test_stop_reasons_name_the_budget_or_the_scheduler():
+    assert stop_reason(1, 4, 3590, 3600, "asha").startswith("time budget of 3600 s spent")
+    assert stop_reason(1, 4, 100, 3600, "asha").startswith("ASHA rung at probe 1/4")
+    assert stop_reason(3, 4, 100, None, "pbt").startswith("PBT")
+
+
+def test_names_numbers_and_clock():
+    assert short_names(["model.registers", "loss.temp", "optim.temp"]) == {
+        "model.registers": "registers", "loss.temp": "loss.temp", "optim.temp": "optim.temp"}
+    assert describe_values({"loss.teacher_temp": 0.0412345, "model.registers": 4}) == "teacher_temp=0.04123 registers=4"
+    assert (clock(59.6), clock(3725)) == ("1:00", "1:02:05")
+    notes = {"x": {"number": 1, "stopped": "r"}}
+    assert number_trials(notes, ["x", "y", "z"]) and notes["y"] == {"number": 2} and notes["z"] == {"number": 3}
+    assert not number_trials(notes, ["z", "y"])  # numbers never change
+
+
+def test_final_table_fits_80_columns_and_names_trials_distinctly(capsys):
+    rows = [TrialRow(trial_id=f"5d498_{i:05d}", status=s, number=i + 1, probe_evals=4, step=1200, metric=m, last=m,
+                     gain=m, params={"optim.ema_final": e, "model.registers": r, "loss.teacher_temp": 0.0412345},
+                     stop_reason="ASHA rung at probe 2/4: not in the top 1/2 of the trials there" if s == "STOPPED"
+                     else None)
+            for i, (s, m, e, r) in enumerate([("TERMINATED", 9.61, 0.994, 4), ("STOPPED", 4.8, 1.0, 0),
+                                              ("TERMINATED", 8.0, 0.994, 0), ("TERMINATED", 9.5, 1.0, 4)])]
+    sweep_cli._print_trials("probe/knn_gain", "max", ["optim.ema_final", "model.registers", "loss.teacher_temp"],
+                            rows, "probe set fashion-mnist: 5,000 train / 5,000 test images")
+    out = capsys.readouterr().out
+    table = out.split("trial 2 stopped early")[0].splitlines()
+    assert max(len(line) for line in table) <= 80, out
+    assert not re.search(r"\x1b\[", out)
+    body = [line.split() for line in table if line.strip()[:1].isdigit()]
+    assert [cells[0] for cells in body] == ["1*", "2", "3", "4"]  # distinct, never cut off
+    assert "trial 2 stopped early: ASHA rung at probe 2/4" in out
+    assert "best (*): trial 1 (ema_final=0.994 registers=4 teacher_temp=0.04123)" in out
+
+
+def test_status_of_an_unknown_sweep_lists_the_existing_ones(tmp_path):
+    for name in ("alpha", "beta"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "capi_sweep.json").write_text("{}")
+    (tmp_path / "not-a-sweep").mkdir()
+    assert list_sweeps(tmp_path) == ["alpha", "beta"]
+    result = CliRunner().invoke(sweep_cli.sweep, ["status", "nope", "--storage", str(tmp_path)])
+    assert result.exit_code == 1 and "sweeps there: alpha, beta" in result.output and "Traceback" not in result.output
