@@ -18,6 +18,7 @@ import orchestrator
 # Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
 # process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
+API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read by Ray's State and Jobs clients before they auto-detect
 
 
 def init_local_ray(**options) -> None:
@@ -30,14 +31,22 @@ def init_local_ray(**options) -> None:
     runs on the machine (another sweep, a test, a user's `ray start`): seen here, every cleaner died
     with "Found multiple active Ray instances", finished trials kept their CPUs, and the next trials
     timed out waiting for a worker. So the dashboard gets a port chosen here, and Ray's processes are
-    told it (``RAY_API_SERVER_ADDRESS``, which Ray's State and Jobs clients read before detecting).
+    told it (``API_SERVER_VARIABLE``).
     """
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
     port = options.pop("dashboard_port", None) or free_port()
-    # Set, not setdefault: it names this process's own Ray, so one left by an earlier Ray is stale.
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(dashboard_host="127.0.0.1", dashboard_port=port, **options)
+    # Only while Ray starts: its processes inherit it from this one then, but in this process the
+    # variable would override every address given explicitly afterwards (Ray's clients prefer it).
+    previous = os.environ.get(API_SERVER_VARIABLE)
+    os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(dashboard_host="127.0.0.1", dashboard_port=port, **options)
+    finally:
+        if previous is None:
+            del os.environ[API_SERVER_VARIABLE]
+        else:
+            os.environ[API_SERVER_VARIABLE] = previous
 
 
 def free_port() -> int:

@@ -133,6 +133,14 @@ def _diagnose(spec: SweepSpec, trials: list[TrialReport], images: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------- plots
+def save_figure(plt, fig, path: Path) -> Path:
+    """Lay out, write at 100 dpi and close ``fig``; the path written."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_metric_vs_params(spec: SweepSpec, trials: list[TrialReport], out: Path) -> list[Path]:
     """One PNG per swept parameter: each trial's best metric against its value (categorical if needed)."""
     plt = pyplot()
@@ -154,11 +162,7 @@ def plot_metric_vs_params(spec: SweepSpec, trials: list[TrialReport], out: Path)
         ax.set_xlabel(param)
         ax.set_ylabel(f"best {spec.search.metric}")
         ax.set_title(f"{spec.search.metric} vs {param} (x: stopped early or unfinished)", fontsize=9)
-        fig.tight_layout()
-        path = out / f"metric_vs_{_slug(param)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(plt, fig, out / f"metric_vs_{_slug(param)}.png"))
     return paths
 
 
@@ -204,11 +208,7 @@ def plot_parallel(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path
     ax.set_yticks([])
     ax.set_title(f"trials across the swept fields, coloured by {spec.search.metric} (dashed: stopped early)",
                  fontsize=9)
-    fig.tight_layout()
-    path = out / "parallel_coordinates.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, out / "parallel_coordinates.png")
 
 
 def plot_gain(trials: list[TrialReport], out: Path) -> Path | None:
@@ -233,11 +233,7 @@ def plot_gain(trials: list[TrialReport], out: Path) -> Path | None:
     ax.set_ylabel("k-NN top-1 (%)")
     ax.set_title("k-NN of each trial's EMA teacher over its random init (probe/knn_gain)", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "gain_over_random_init.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, out / "gain_over_random_init.png")
 
 
 def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
@@ -254,11 +250,7 @@ def plot_curves(spec: SweepSpec, trials: list[TrialReport], out: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_ylabel(key)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, out / "learning_curves.png")
 
 
 def plot_registers(trials: list[TrialReport], out: Path) -> Path | None:
@@ -274,11 +266,7 @@ def plot_registers(trials: list[TrialReport], out: Path) -> Path | None:
     ax.set_xlabel("registers")
     ax.set_ylabel("high-norm patch tokens (%)")
     ax.set_title("high-norm tokens of the final EMA teacher", fontsize=9)
-    fig.tight_layout()
-    path = out / "registers_vs_high_norm.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, out / "registers_vs_high_norm.png")
 
 
 def _slug(text: str) -> str:

@@ -19,11 +19,9 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -97,48 +95,11 @@ def test_local_ray_workers_inherit_the_local_switches(cli_ray):
 
     assert LOCAL_RAY_ENV["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
     assert ray.get(environment.remote(list(LOCAL_RAY_ENV))) == LOCAL_RAY_ENV
+    # Train's placement-group cleaner finds the State API through this variable, not by auto-detecting a
+    # local Ray (which fails when two run on the machine); the driver itself keeps no copy of it.
     dashboard, _ = cli_ray
     assert ray.get(environment.remote(["RAY_API_SERVER_ADDRESS"])) == {"RAY_API_SERVER_ADDRESS": dashboard}
-
-
-def gcs_servers() -> list:
-    import psutil
-
-    return [p for p in psutil.process_iter(["name"]) if p.info["name"] == "gcs_server"]
-
-
-def test_workers_find_their_own_state_api_beside_another_ray(cli_ray, tmp_path):
-    """Train's placement-group cleaner asks the State API with no address. With a second Ray on the
-    machine, Ray's auto-detection refuses ("Found multiple active Ray instances"), the cleaner dies and
-    finished trials keep their CPUs; our workers are told their own dashboard instead."""
-    import ray
-    from ray.util.state import list_actors
-
-    other = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
-                              "--num-cpus=0", "--include-dashboard=false", f"--temp-dir={tmp_path}"],
-                             env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        while len(gcs_servers()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(gcs_servers()) >= 2 and other.poll() is None, "the second Ray did not start"
-
-        @ray.remote(num_cpus=0)
-        def list_actors_from_a_worker(told: bool):
-            if not told:  # the control: what Ray's auto-detection does on its own
-                os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-            try:
-                return len(list_actors(limit=5))
-            except ConnectionError as e:
-                return str(e)
-
-        assert isinstance(ray.get(list_actors_from_a_worker.remote(True)), int)
-        # Last: the worker process is reused, and the control removes the variable from it for good.
-        assert "multiple active Ray instances" in ray.get(list_actors_from_a_worker.remote(False))
-    finally:
-        os.killpg(other.pid, signal.SIGTERM)
-        other.wait(30)
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ
 
 
 LOOPBACK_HEX = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}

@@ -7,6 +7,7 @@ import re
 
 from click.testing import CliRunner
 
+from orchestrator.cli import main
 from orchestrator.cli import sweep as sweep_cli
 from orchestrator.sweep.console import SweepConsole, clock, describe_values, short_names, stop_reason
 from orchestrator.sweep.storage import TrialRow, list_sweeps, number_trials
@@ -85,5 +86,5 @@ def test_status_of_an_unknown_sweep_lists_the_existing_ones(tmp_path):
         (tmp_path / name / "capi_sweep.json").write_text("{}")
     (tmp_path / "not-a-sweep").mkdir()
     assert list_sweeps(tmp_path) == ["alpha", "beta"]
-    result = CliRunner().invoke(sweep_cli.sweep, ["status", "nope", "--storage", str(tmp_path)])
+    result = CliRunner().invoke(main, ["sweep", "status", "nope", "--storage", str(tmp_path)])
     assert result.exit_code == 1 and "sweeps there: alpha, beta" in result.output and "Traceback" not in result.output

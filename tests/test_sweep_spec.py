@@ -389,7 +389,8 @@ def test_cli_validate_ok_and_errors(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(main, ["sweep", "validate", str(REPO / "sweeps" / "quickstart.yaml")])
     assert ok.exit_code == 0, ok.output
-    assert "OK" in ok.output and "4 trials" in ok.output and "optim.ema_final" in ok.output and "ASHA" in ok.output
+    assert "OK" in ok.output and "4 trials" in ok.output and "optim.ema_final" in ok.output
+    assert "scheduler: none" in ok.output
     bad = write(tmp_path, MINIMAL + "scheduler:\n  type: asha\n  grace_period: 0\n")
     result = runner.invoke(main, ["sweep", "validate", str(bad)])
     assert result.exit_code == 1
