@@ -41,8 +41,8 @@ from run_all import machine  # noqa: E402
 from capi_core.config import build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
-from capi_core.eval.knn import knn_predict, knn_top1  # noqa: E402
-from capi_core.eval.online_probe import load_probe_set, random_init_encoder  # noqa: E402
+from capi_core.eval.knn import knn_top1  # noqa: E402
+from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
 from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
 
@@ -141,12 +141,9 @@ NOISE_PROBES = ((5_000, 5_000), (10_000, 10_000), (20_000, 10_000), (None, None)
 
 def _correct(encoder, cfg, autocast, train_images, test_images) -> list[bool]:
     """Per query: does the weighted k-NN of ``encoder`` on this probe set get it right?"""
-    ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
-    ps = load_probe_set(ds, cfg.model.img_size, train_images, test_images, seed=0)
-    f_train = pooled_features(encoder, ps.train_x, batch_size=1024, autocast_dtype=autocast)
-    f_test = pooled_features(encoder, ps.test_x, batch_size=1024, autocast_dtype=autocast)
-    pred = knn_predict(f_train, ps.train_y, f_test, k=cfg.probe.k, temperature=cfg.probe.temperature)
-    return (pred == ps.test_y).tolist()
+    ps = load_probe_set(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size, train_images,
+                        test_images, seed=0)
+    return (knn_predictions(encoder, ps, cfg.probe.k, cfg.probe.temperature, autocast) == ps.test_y).tolist()
 
 
 def _probe_name(train_images, test_images) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from orchestrator.cluster import free_port
 
 # The trainer caches random-init probe baselines under the CAPI cache; the suite keeps its own, so it
 # neither reads a developer's entries nor leaves files in the real home directory.
@@ -41,12 +42,6 @@ def tiny_dataset(tmp_path_factory) -> Path:
     from synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("data"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -34,7 +34,7 @@ from capi_core.data import cache_root
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import load_split
 from capi_core.eval.features import pooled_features
-from capi_core.eval.knn import knn_top1
+from capi_core.eval.knn import knn_predict
 # How far apart two probe scores must be to mean something lives in noise (no torch, for the CLI's tables).
 from capi_core.eval.noise import MEASURED_NOISE, ProbeNoise, probe_noise  # noqa: F401 - re-exported
 from capi_core.models.student import Student
@@ -98,12 +98,21 @@ def online_probe_set(dataset_dir: str | Path, img_size: int, cfg: ProbeConfig,
     return load_probe_set(dataset_dir, img_size, cfg.train_images, cfg.test_images, seed=0, cache_dir=cache_dir)
 
 
+def knn_predictions(encoder: nn.Module, probe_set: ProbeSet, k: int, temperature: float,
+                    autocast_dtype: torch.dtype | None = None) -> Tensor:
+    """Class predictions [M] of the weighted k-NN on ``encoder``'s mean-pooled patch features, one per
+    query of ``probe_set``."""
+    f_train = pooled_features(encoder, probe_set.train_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
+    f_test = pooled_features(encoder, probe_set.test_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
+    return knn_predict(f_train, probe_set.train_y, f_test, k=k, temperature=temperature,
+                       num_classes=int(max(probe_set.train_y.max(), probe_set.test_y.max())) + 1)
+
+
 def knn_score(encoder: nn.Module, probe_set: ProbeSet, k: int, temperature: float,
               autocast_dtype: torch.dtype | None = None) -> float:
     """Weighted k-NN top-1 (%) of ``encoder``'s mean-pooled patch features on ``probe_set``."""
-    f_train = pooled_features(encoder, probe_set.train_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
-    f_test = pooled_features(encoder, probe_set.test_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast_dtype)
-    return knn_top1(f_train, probe_set.train_y, f_test, probe_set.test_y, k=k, temperature=temperature)
+    preds = knn_predictions(encoder, probe_set, k, temperature, autocast_dtype)
+    return 100.0 * (preds == probe_set.test_y.long()).float().mean().item()
 
 
 def baseline_key(config: TrainConfig, probe_set: ProbeSet, k: int, temperature: float,
