@@ -17,6 +17,7 @@ The MLflow run id travels in every checkpoint, so all of this lands in one MLflo
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray.train import TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
+from capi_core.atomic import atomic_write_text
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
 from capi_core.config import TrainConfig, with_fields
 from capi_core.data import resolve_dataset
@@ -47,6 +49,7 @@ from orchestrator.tracking import (MlflowTracking, TrackingError, TrackingOption
                                    end_run, open_run, resolve_uri, run_id_in_checkpoints)
 
 METRICS_FILE = "metrics.jsonl"
+STARTUP_FILE = "startup.json"  # StartupRecord
 
 
 class TrainingError(CapiError, RuntimeError):
@@ -140,12 +143,36 @@ class RayReport(Callback):
         return bool(due.item())
 
 
+class StartupRecord(Callback):
+    """Writes ``<run dir>/startup.json`` on rank 0 at the run's first log step: when the process
+    that trains entered its training function, built the Trainer, opened the data and logged
+    (Unix seconds), so that a sweep's start-up can be split into its parts afterwards
+    (``benchmarks/ray_overhead.py``). Only a run's first start is recorded; a resume keeps it."""
+
+    def __init__(self, run_dir: Path, entered: float):
+        self.path = Path(run_dir) / STARTUP_FILE
+        self.times = {"entered": entered}
+
+    def built(self) -> None:
+        self.times["built"] = time.time()
+
+    def on_start(self, trainer: Trainer) -> None:
+        self.times.update(data_open=time.time(), start_step=trainer.step)
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not trainer.is_main or "first_log" in self.times or self.path.exists():
+            return
+        self.times.update(first_log=time.time(), first_log_step=step)
+        best_effort(lambda: atomic_write_text(self.path, json.dumps(self.times)), f"could not write {self.path}")
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: one rank of the CAPI Trainer.
 
     ``loop_config``: a ``WorkerLoop`` as JSON (the config, the run directory, a standalone run to
     fall back to, the MLflow settings).
     """
+    entered = time.time()
     quiet_report_logs()  # the console keeps rank 0's progress lines
     loop = WorkerLoop.model_validate(loop_config)
     config = loop.config
@@ -161,9 +188,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     try:
         worker_config = with_fields(config, {"run.output_dir": scratch})
         run_path = loop.run_path
+        startup = StartupRecord(Path(run_path), entered)
         callbacks: list[Callback] = [RayReport(), LogLines()]
         if loop.local_run_dir:
-            callbacks.append(JsonlMetrics(Path(run_path) / METRICS_FILE))
+            callbacks += [JsonlMetrics(Path(run_path) / METRICS_FILE), startup]
         if loop.tracking is not None:
             t = loop.tracking
             callbacks.append(MlflowTracking(t.uri, t.options, run_id=t.run_id, config=config,
@@ -174,6 +202,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 trainer = Trainer(worker_config, callbacks, resume=resume)
         else:
             trainer = Trainer(worker_config, callbacks, resume=loop.fallback_resume)
+        startup.built()
         if trainer.step >= config.optim.steps:
             if trainer.is_main:
                 say(f"run {config.run.name} is already complete (step {trainer.step})")
@@ -209,6 +238,14 @@ def run_path(config: TrainConfig, scaling: ScalingOptions) -> str:
     return f"{storage.rstrip('/')}/{config.run.name}"
 
 
+def placed_config(config: TrainConfig, scaling: ScalingOptions) -> TrainConfig:
+    """The config as one worker of ``scaling`` runs it: on a GPU if it holds one, with as many torch
+    threads as it holds CPUs unless ``run.threads`` names them."""
+    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
+    return with_fields(config, {"run.device": "cuda" if use_gpu else "cpu",
+                                "run.threads": config.run.threads or max(1, int(scaling.cpus_per_worker))})
+
+
 def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri: str | None = None,
                   tracking: TrackingOptions | None = None, mlflow_run_id: str | None = None,
                   callbacks: list | None = None):
@@ -219,8 +256,7 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` in a sweep.
     """
     use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
-    config = with_fields(config, {"run.device": "cuda" if use_gpu else "cpu",
-                                  "run.threads": config.run.threads or max(1, int(scaling.cpus_per_worker))})
+    config = placed_config(config, scaling)
     path = run_path(config, scaling)
     local = "://" not in path
     # A run directory with checkpoints but no Ray record of them was started standalone: resume from it.
@@ -250,12 +286,13 @@ def describe_failure(err: BaseException) -> str:
     """One line per failed rank (or the controller's error), without Ray's wrapping tracebacks."""
     failures = getattr(err, "worker_failures", None)
     if failures:
-        return "\n".join(f"rank {rank}: {_summary(e)}" for rank, e in sorted(failures.items()))
+        return "\n".join(f"rank {rank}: {error_summary(e)}" for rank, e in sorted(failures.items()))
     cause = getattr(err, "controller_failure", None)
-    return _summary(cause if cause is not None else err)
+    return error_summary(cause if cause is not None else err)
 
 
-def _summary(err: BaseException) -> str:
+def error_summary(err: BaseException) -> str:
+    """``Type: first line of the message``: one line for a console, a trial's error, an MLflow run."""
     lines = [x.strip() for x in str(err).splitlines() if x.strip()]
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 

@@ -1,6 +1,15 @@
-"""One trial of a sweep: a CAPI run as a Ray Train (V2) run inside a Ray Tune trial function.
+"""One trial of a sweep: a CAPI run inside a Ray Tune trial function, in that process or as a Ray Train run.
 
-The Tune + Train V2 pattern of Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and
+**In the trial's process** (``resources.launcher: auto`` with one worker, the default): the trial
+function trains capi_core's Trainer itself and reports its probe results with ``tune.report``. Its
+Tune actor holds the trial's CPUs (and GPU); actors are reused from one trial to the next, so a
+trial's start-up is the Trainer's own (model, data, first step) instead of a Ray Train controller,
+a worker group and a process group per trial: on 2 cores about a minute per trial measured before.
+Checkpoints, metrics.jsonl and the MLflow child run are written as a standalone run writes them, in
+the trial's run directory; a restart (Tune's ``failure.max_failures``, or ``capi sweep resume``)
+resumes from the newest checkpoint there.
+
+**As a Ray Train run** (several workers, or ``launcher: ray_train``): the Tune + Train V2 pattern of Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and
 ``Tuner(trainer)`` is deprecated since Train V2 became the default): every trial is a Tune *function*
 that builds the trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``);
 a ``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
@@ -28,6 +37,7 @@ import math
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +53,14 @@ from capi_core.cadence import is_checkpoint_step, is_probe_step, probe_evals, pr
 from capi_core.checkpoint import STATE
 from capi_core.config import TrainConfig, with_fields
 from capi_core.errors import CapiError
+from capi_core.train import Callback, JsonlMetrics, Trainer
 from orchestrator import tracking as track
 from orchestrator.ray_internals import report_queue, set_report_queue
 from orchestrator.sweep.spec import SweepSpec
 from orchestrator.sweep.storage import PROBE_EVALS, SweepState, final_metrics, trial_run_name
-from orchestrator.train import ScalingOptions, build_trainer, describe_failure, has_state, run_path
+from orchestrator.progress import LogLines
+from orchestrator.train import (ScalingOptions, StartupRecord, build_trainer, describe_failure, error_summary,
+                                has_state, placed_config, run_path)
 
 POINTER = "train_checkpoint.json"  # the whole content of a PBT Tune checkpoint
 TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it only waits
@@ -86,6 +99,53 @@ class ProbeReport(TuneReportCallback):
         report_queue(self).put(item)
 
 
+class InTrialReport(Callback):
+    """The in-trial counterpart of ``ProbeReport``: reports the Trainer's probe results to Tune from
+    the trial's own process, once per probe step, with the probe count. At a step that also writes a
+    checkpoint the checkpoint's report is the one sent; under PBT it carries a Tune checkpoint that
+    points at the Trainer's checkpoint (``report_with_pointer``).
+
+    The last step is reported at the run's end, and this callback must come last: Tune may stop the
+    trial at any report (ASHA at ``max_t``, a PBT pause), and ``tune.report`` then ends this thread,
+    so everything else the run does at its end (MLflow's final metrics and status) comes first."""
+
+    def __init__(self, metric: str, config: TrainConfig, trial_id: str, pbt: bool):
+        self.metric, self.config, self.trial_id, self.pbt = metric, config, trial_id, pbt
+        self._last_step = -1
+        self._checkpoint: Path | None = None
+
+    def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        if not is_checkpoint_step(step, self.config):  # else the same step's checkpoint report follows
+            self._report(step, metrics, None)
+
+    def on_checkpoint(self, trainer: Trainer, step: int, path: Path | None, metrics: dict[str, float]) -> None:
+        self._checkpoint = path
+        if step < self.config.optim.steps:
+            self._report(step, metrics, path)
+
+    def on_end(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
+        self._report(step, metrics, self._checkpoint)
+
+    def _report(self, step: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if self.metric not in metrics or step <= self._last_step or not is_probe_step(step, self.config):
+            return
+        self._last_step = step
+        item = {"step": step, **metrics, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
+        if self.pbt and checkpoint is not None:
+            report_with_pointer(item, self.trial_id, self.config.run.name, str(checkpoint))
+        else:
+            tune.report(item)
+
+
+def report_with_pointer(item: dict[str, Any], trial_id: str, run_name: str, checkpoint: str) -> None:
+    """``tune.report(item)`` with a Tune checkpoint that is only a pointer to the run's ``checkpoint``
+    (PBT restores and exploits by it, ``pbt_lineage``); the weights are not copied."""
+    with tempfile.TemporaryDirectory(prefix="capi-pointer-") as tmp:
+        pointer = {"trial_id": trial_id, "run_name": run_name, "checkpoint": checkpoint}
+        (Path(tmp) / POINTER).write_text(json.dumps(pointer))
+        tune.report(item, checkpoint=tune.Checkpoint.from_directory(tmp))
+
+
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial needs besides its values; shipped once through ``tune.with_parameters``."""
@@ -105,13 +165,21 @@ def scaling_options(spec: SweepSpec):
 
 
 def trial_resources(spec: SweepSpec) -> dict[str, float]:
-    """What one trial's Train workers hold. A GPU worker holds a whole GPU: that is what
-    ``orchestrator.train.build_trainer`` asks Ray for, whatever fraction the sweep file names."""
+    """What one trial holds while it trains: its Train workers' resources, or its own in the trial's
+    process. A GPU worker holds a whole GPU: that is what ``orchestrator.train.build_trainer`` asks
+    Ray for, whatever fraction the sweep file names."""
     res = spec.resources
     need = {"CPU": res.workers * res.cpus_per_worker}
     if res.gpus_per_worker:
         need["GPU"] = res.workers * math.ceil(res.gpus_per_worker)
     return need
+
+
+def trial_function_resources(spec: SweepSpec) -> dict[str, float]:
+    """What the trial function's own actor asks Ray for: the whole trial when it trains in that
+    process; else a token CPU, since it only waits on its Train run, whose workers hold the
+    resources (Ray refuses an empty bundle)."""
+    return trial_resources(spec) if spec.resources.in_trial() else {"CPU": TRIAL_FN_CPU}
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> TrainConfig:
@@ -150,6 +218,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             tune.report({**final, PROBE_EVALS: probes_per_run(config)})
             track.end_run(state.tracking_uri, run_id, "FINISHED")
             return
+    if spec.resources.in_trial():
+        train_in_trial(config, scaling, state.tracking_uri, options, run_id, spec.search.metric, trial_id, pbt)
+        return
     try:
         if pbt:
             fit_reporting_checkpoints(config, lambda callback: build_trainer(
@@ -163,6 +234,32 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         track.end_run(state.tracking_uri, run_id, "FAILED", message)
         raise TrialError(f"trial {trial_id} failed:\n{message}") from None
     track.end_run(state.tracking_uri, run_id, "FINISHED")
+
+
+def train_in_trial(config: TrainConfig, scaling: ScalingOptions, uri: str, options: track.TrackingOptions,
+                   run_id: str, metric: str, trial_id: str, pbt: bool) -> None:
+    """Train the trial's run in this process (its Tune actor), resuming from the run directory's
+    newest checkpoint if it has one, and close its MLflow run. A failure closes the run FAILED and
+    raises TrialError, which Tune retries (``failure.max_failures``) from the newest checkpoint.
+
+    Tune stops a trial early (ASHA, the time budget) at its next report; the run is closed KILLED by
+    the sweep's callback (``orchestrator.sweep.tune.SweepProgress``)."""
+    entered = time.time()
+    config = placed_config(config, scaling)
+    run_dir = Path(run_path(config, scaling))
+    startup = StartupRecord(run_dir, entered)
+    callbacks = [LogLines(), JsonlMetrics(), startup, track.MlflowTracking(uri, options, run_id=run_id, config=config),
+                 InTrialReport(metric, config, trial_id, pbt)]  # last: see its docstring
+    try:
+        trainer = Trainer(config, callbacks, resume=run_dir if has_state(run_dir) else None)
+        startup.built()
+        if trainer.step < config.optim.steps:
+            trainer.fit()
+    except Exception as err:  # noqa: BLE001 - any failure of the run is the trial's; Tune decides on a retry
+        message = error_summary(err)
+        track.end_run(uri, run_id, "FAILED", message)
+        raise TrialError(f"trial {trial_id} failed:\n{message}") from None
+    track.end_run(uri, run_id, "FINISHED")
 
 
 def pbt_lineage(config: TrainConfig, sweep: str, trial_id: str, checkpoint) -> tuple[TrainConfig, dict | None]:
@@ -218,11 +315,8 @@ def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metri
         path = item.pop(CHECKPOINT_PATH_KEY, None)
         if path is None:
             tune.report(item)
-            continue
-        with tempfile.TemporaryDirectory(prefix="capi-pointer-") as tmp:
-            pointer = {"trial_id": trial_id, "run_name": config.run.name, "checkpoint": path}
-            (Path(tmp) / POINTER).write_text(json.dumps(pointer))
-            tune.report(item, checkpoint=tune.Checkpoint.from_directory(tmp))
+        else:
+            report_with_pointer(item, trial_id, config.run.name, path)
     thread.join()
     if failure:
         raise failure[0]
@@ -230,6 +324,4 @@ def fit_reporting_checkpoints(config: TrainConfig, make_trainer: Callable, metri
 
 def trainable(spec: SweepSpec, state: SweepState):
     setup = TrialSetup(spec=spec, state=state)
-    # The trial function only waits on its Train run, whose workers hold the resources; Ray refuses
-    # an empty bundle, so it asks for a token hundredth of a CPU.
-    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_FN_CPU})
+    return tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_function_resources(spec))

@@ -205,11 +205,11 @@ def init_ray(spec: SweepSpec, address: str | None, verbose: bool = False) -> boo
     # refuses num_cpus when it connects to one.
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is None:
-        per_trial = trial_resources(spec)["CPU"]
-        # The trial functions' token CPUs must fit beside their workers: on 2 cores, two 1-CPU trials
-        # need 2.02 logical CPUs, and with only 2 the second trial's workers never start.
+        # A Ray Train trial's function holds a token CPU beside its workers: on 2 cores, two 1-CPU
+        # trials need 2.02 logical CPUs, and with only 2 the second trial's workers would never start.
+        per_trial = trial_resources(spec)["CPU"] + (0 if spec.resources.in_trial() else TRIAL_FN_CPU)
         concurrent = spec.budget.max_concurrent_trials or 1
-        cpus = max(os.cpu_count() or 1, math.ceil((per_trial + TRIAL_FN_CPU) * concurrent))
+        cpus = max(os.cpu_count() or 1, math.ceil(per_trial * concurrent))
         # Keep the dashboard: a trial that Tune stops takes its Train controller with it, and Ray frees that
         # controller's placement group only after the dashboard's State API reports it dead. Without it,
         # the leaked groups hold their CPUs and later trials wait forever.
