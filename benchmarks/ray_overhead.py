@@ -15,6 +15,18 @@ Measured on a local Ray, no GPU needed:
   compared by the trainer's steady-state images/s (median over log intervals after the first).
   ``--threads 1`` on 2 cores leaves Ray's own processes a core of their own.
 
+* **efficiency** (``--efficiency quickstart``, ``asha`` or ``both``): a sweep's efficiency, the sum
+  of its trials' training time (from the estimated start of each trial's first step to its last
+  logged step) over the sweep's wall time times its concurrency, and each trial's start-up split into
+  its parts from the driver's trial start (``capi_trials.json``) and the trial's ``startup.json``:
+  Tune's scheduling and the trial process (actor start, imports; with Ray Train also its controller,
+  worker group and process group), the Trainer's construction, opening the data, and the first step.
+  ``quickstart`` runs sweeps/quickstart.yaml as it ships; ``asha`` runs a 16-trial ASHA sweep of
+  short trials, then the same trials standalone (``capi train``, each for the steps it trained in
+  the sweep) back to back in as many lanes as the sweep's concurrency, and compares the wall times.
+  ``--launcher ray_train`` runs the same sweeps with every trial as a Ray Train run (the path before
+  in-trial training), for a before/after in one session.
+
 * **control** (``--control``): the standalone run alone against the same run beside an idle
   local Ray with a dozen idle actors, alternately. It separates what Ray's mere presence costs a
   small machine from what running inside a Ray Train worker costs.
@@ -22,6 +34,8 @@ Measured on a local Ray, no GPU needed:
     python benchmarks/ray_overhead.py                       # ~17 minutes on 2 cores
     python benchmarks/ray_overhead.py --trial-steps 40      # a quick look (~4 minutes)
     python benchmarks/ray_overhead.py --skip-sweep --threads 1 --repeats 3   # Ray with a spare core
+    python benchmarks/ray_overhead.py --efficiency both       # ~25 minutes on 2 cores
+    python benchmarks/ray_overhead.py --efficiency asha --launcher ray_train
 """
 
 from __future__ import annotations
@@ -30,16 +44,22 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 
 from capi_core.config import build_config
 from capi_core.data import resolve_dataset
 from capi_core.train import JsonlMetrics, Trainer
-from orchestrator.train import METRICS_FILE, ScalingOptions, init_local_ray, run_distributed
+from orchestrator.sweep.storage import NOTES_FILE, TRIALS_DIR
+from orchestrator.train import METRICS_FILE, STARTUP_FILE, ScalingOptions, init_local_ray, run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def steady_images_per_s(metrics_file: Path) -> float:
@@ -104,7 +124,9 @@ class CpuShares:
         if len(inside) < 2:
             return None
         (a_t, a), (b_t, b) = inside[0], inside[-1]
-        used = {k: v - a.get(k, 0.0) for k, v in b.items()}
+        # By pid: a Ray worker retitles its process as it takes tasks (ray::IDLE, ray::ImplicitFunc.train).
+        before = {pid: v for (pid, _), v in a.items()}
+        used = {(pid, cmd): v - before.get(pid, 0.0) for (pid, cmd), v in b.items()}
         machine = (b_t - a_t) * (os.cpu_count() or 1)
         train = sum(v for (pid, cmd), v in used.items() if training(pid, cmd))
         return {"training": train / machine, "others": (sum(used.values()) - train) / machine}
@@ -313,6 +335,156 @@ def beside_idle_ray(args, out: Path) -> dict[str, float]:
     return result
 
 
+# ------------------------------------------------------------------------------ sweep efficiency
+def trial_timeline(run_dir: Path, started_at: float) -> dict[str, float]:
+    """One trial's start-up parts and training time (seconds) from its metrics.jsonl, its
+    startup.json and the driver's start time. The first log comes ``first_log_step`` steps in, so the
+    first step's end is estimated as the first log less the steps after it at the run's median step
+    time (between later logs)."""
+    rows = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines() if '"train/' in x]
+    times = json.loads((run_dir / STARTUP_FILE).read_text())
+    gaps = [(b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(rows, rows[1:]) if b["step"] > a["step"]]
+    step_s = statistics.median(gaps) if gaps else 0.0
+    steps_to_first_log = times["first_log_step"] - times.get("start_step", 0)
+    first_step_end = times["first_log"] - (steps_to_first_log - 1) * step_s
+    return {"process_s": times["entered"] - started_at, "build_s": times["built"] - times["entered"],
+            "data_s": times["data_open"] - times["built"], "first_step_s": first_step_end - times["data_open"],
+            "startup_s": first_step_end - started_at,
+            "train_s": rows[-1]["time"] - (first_step_end - step_s), "steps": rows[-1]["step"], "end": rows[-1]["time"]}
+
+
+def sweep_efficiency(directory: Path, wall_s: float, concurrency: int) -> dict[str, float]:
+    """The efficiency of a finished sweep in ``directory`` and its trials' median start-up parts."""
+    notes = json.loads((directory / NOTES_FILE).read_text())
+    trials = {}
+    for trial_id, note in notes.items():
+        run_dirs = [d for d in (directory / TRIALS_DIR).glob(f"*{trial_id}*") if (d / STARTUP_FILE).exists()]
+        if run_dirs and "started_at" in note:
+            trials[trial_id] = trial_timeline(run_dirs[0], note["started_at"])
+    train = sum(t["train_s"] for t in trials.values())
+    out = {"trials": len(trials), "wall_s": wall_s, "concurrency": concurrency, "train_sum_s": train,
+           "efficiency": train / (wall_s * concurrency)}
+    for part in ("startup_s", "process_s", "build_s", "data_s", "first_step_s"):
+        out[f"median_{part}"] = statistics.median(t[part] for t in trials.values())
+    out["max_startup_s"] = max(t["startup_s"] for t in trials.values())
+    out["max_process_s"] = max(t["process_s"] for t in trials.values())
+    out["last_log"] = max(t["end"] for t in trials.values())
+    out["trial_steps"] = {k: t["steps"] for k, t in trials.items()}
+    return out
+
+
+def _cpu(sampled: tuple[CpuShares, float], result: dict) -> dict[str, float]:
+    """The machine's CPU from the sweep's start to its last trial's last log (Ray's processes are gone
+    once the sweep returns), in cores: the training processes' and the rest's."""
+    cpu, start = sampled
+    shares = cpu.shares(start, result["last_log"], _trial_process) or {}
+    cores = os.cpu_count() or 1
+    return {f"cpu_cores_{k}": v * cores for k, v in shares.items()}
+
+
+def _describe_efficiency(label: str, r: dict) -> str:
+    cpu = (f"; CPU over the sweep: training {r['cpu_cores_training']:.2f} cores, everything else "
+           f"{r['cpu_cores_others']:.2f}") if "cpu_cores_training" in r else ""
+    return (f"  {label}: {r['trials']} trials in {r['wall_s']:.0f} s at concurrency {r['concurrency']}, training "
+            f"{r['train_sum_s']:.0f} s: efficiency {r['efficiency']:.0%}; a trial's start-up (median) "
+            f"{r['median_startup_s']:.1f} s = process {r['median_process_s']:.1f} + Trainer {r['median_build_s']:.1f} "
+            f"+ data {r['median_data_s']:.1f} + first step {r['median_first_step_s']:.1f}; the longest "
+            f"{r['max_startup_s']:.1f} s (process {r['max_process_s']:.1f})" + cpu)
+
+
+def _run_sweep_file(doc: dict, out: Path, launcher: str) -> tuple[Path, float, int]:
+    """Run the sweep ``doc`` (a parsed sweep file) into ``out``; its directory, wall time, concurrency."""
+    from orchestrator.sweep.spec import load_sweep
+    from orchestrator.sweep.tune import run_sweep
+
+    doc = {**doc, "storage": str(out / "sweeps"), "mlflow": {"tracking_uri": f"sqlite:///{out / 'mlflow.db'}"},
+           "resources": {**doc.get("resources", {}), "launcher": launcher}}
+    file = out / f"{doc['name']}.yaml"
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(doc))  # JSON is YAML
+    spec = load_sweep(file)
+    start, start_wall = time.perf_counter(), time.time()
+    with CpuShares() as cpu:
+        outcome = run_sweep(spec, file)
+    wall = time.perf_counter() - start
+    bad = [(t.trial_id, t.status) for t in outcome.trials if t.status not in ("TERMINATED", "STOPPED")]
+    if bad:
+        raise RuntimeError(f"trials did not finish: {bad}")
+    return outcome.path, wall, spec.budget.max_concurrent_trials or 1, (cpu, start_wall)
+
+
+def _trial_process(pid: int, cmd: str) -> bool:
+    """A process that trains: a Tune function trial's actor (in-trial; Ray titles it ``ray::IDLE``
+    between Tune's calls while its training thread runs) or a Ray Train worker."""
+    return cmd.startswith(("ray::ImplicitFunc", "ray::IDLE", "ray::RayTrainWorker"))
+
+
+def asha_sweep(args) -> dict:
+    """16 short trials (random lr and teacher temperature), ASHA from the first probe on."""
+    import yaml
+
+    base = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())["base"]
+    base["overrides"].update({"optim.steps": args.asha_steps, "probe.every": args.asha_steps // 3,
+                              "probe.train_images": 5000, "probe.test_images": 5000})
+    return {"name": "asha16", "base": base,
+            "search_space": {"optim.lr": {"loguniform": [5e-4, 5e-3]}, "loss.teacher_temp": {"uniform": [0.04, 0.12]}},
+            "search": {"algorithm": "random", "metric": "probe/knn_gain", "mode": "max", "seed": 0},
+            "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+            "budget": {"num_samples": 16, "max_concurrent_trials": 2},
+            "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}}
+
+
+def standalone_lanes(doc: dict, directory: Path, steps: dict[str, int], out: Path, lanes: int) -> float:
+    """The sweep's trials as ``capi train`` commands, each for the steps it trained in the sweep, run
+    back to back in ``lanes`` parallel lanes (in the sweep's trial order); their wall time."""
+    overrides = [f"{k}={v}" for k, v in doc["base"]["overrides"].items()]
+    commands = []
+    for trial_dir in sorted(directory.glob("trial_*")):
+        trial_id = trial_dir.name.removeprefix("trial_")
+        if trial_id not in steps:
+            continue
+        params = json.loads((trial_dir / "params.json").read_text())
+        commands.append([str(Path(sys.executable).with_name("capi")), "train", "--preset", doc["base"]["preset"],
+                         "--tracking-uri", f"sqlite:///{out / 'standalone.db'}", "--experiment", "standalone",
+                         *overrides, *(f"{k}={v}" for k, v in params.items()), f"optim.steps={steps[trial_id]}",
+                         f"run.output_dir={out / 'standalone'}", f"run.name=t-{trial_id}"])
+    # The MLflow database is created here, once: two first runs creating it at once collide in its
+    # migrations (sqlite), and the sweep's trials did not pay for creating theirs either.
+    from orchestrator.tracking import mlflow_client
+    mlflow_client(f"sqlite:///{out / 'standalone.db'}").search_experiments()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(lanes) as pool:
+        for done in pool.map(lambda c: subprocess.run(c, capture_output=True, text=True), commands):
+            if done.returncode:
+                raise RuntimeError(f"standalone run failed: {done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def efficiency(args, out: Path) -> dict:
+    """The quickstart's and/or the 16-trial ASHA sweep's efficiency (see the module's docstring)."""
+    import yaml
+
+    results = {}
+    if args.efficiency in ("quickstart", "both"):
+        doc = yaml.safe_load((ROOT / "sweeps" / "quickstart.yaml").read_text())
+        directory, wall, lanes, shares = _run_sweep_file(doc, out / "quickstart", args.launcher)
+        r = sweep_efficiency(directory, wall, lanes)
+        results["quickstart"] = {**r, **_cpu(shares, r)}
+        print(_describe_efficiency(f"quickstart ({args.launcher})", results["quickstart"]), flush=True)
+    if args.efficiency in ("asha", "both"):
+        doc = asha_sweep(args)
+        directory, wall, lanes, shares = _run_sweep_file(doc, out / "asha", args.launcher)
+        r = sweep_efficiency(directory, wall, lanes)
+        r.update(_cpu(shares, r))
+        print(_describe_efficiency(f"16-trial ASHA sweep ({args.launcher})", r), flush=True)
+        r["standalone_wall_s"] = standalone_lanes(doc, directory, r["trial_steps"], out / "asha", lanes)
+        r["wall_vs_standalone"] = wall / r["standalone_wall_s"]
+        results["asha"] = r
+        print(f"  the same trials standalone, {lanes} lanes back to back: {r['standalone_wall_s']:.0f} s; the sweep "
+              f"took {r['wall_vs_standalone']:.2f}x (target <= 1.25x)", flush=True)
+    return results
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu-demo")
@@ -329,6 +501,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--idle-actors", type=int, default=12, help="idle actors of the --control Ray")
     ap.add_argument("--repeats", type=int, default=2,
                     help="alternating standalone / Ray pairs of the single-run part and of --control")
+    ap.add_argument("--efficiency", choices=["quickstart", "asha", "both"],
+                    help="measure sweep efficiency and trial start-up instead (see the docstring)")
+    ap.add_argument("--launcher", default="auto", choices=["auto", "ray_train"],
+                    help="the sweeps' resources.launcher for --efficiency (ray_train: the path before in-trial)")
+    ap.add_argument("--asha-steps", type=int, default=300, help="steps of a full trial of the ASHA sweep")
     ap.add_argument("--threads", type=int, default=0,
                     help="the trainer's torch threads (default: every CPU); fewer leave Ray's own processes "
                          "a spare core, which shows what Ray costs when it does not compete with the trainer")
@@ -340,11 +517,14 @@ def measure(args) -> dict[str, float]:
     resolve_dataset(args.dataset)  # a built-in is imported on first use: not part of any timing
     load = os.getloadavg()[0]
     cpus = os.cpu_count() or 1
-    print(f"ray overhead: preset {args.preset}, batch {args.batch}, {args.trial_steps} steps per run, "
-          f"{cpus} CPUs, load average {load:.1f}" + ("  (busy machine: figures are noisy)" if load > cpus / 2 else ""),
+    print(f"ray overhead: preset {args.preset}, batch {args.batch}, "
+          + (f"{args.trial_steps} steps per run, " if not args.efficiency else "")
+          + f"{cpus} CPUs, load average {load:.1f}" + ("  (busy machine: figures are noisy)" if load > cpus / 2 else ""),
           flush=True)
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="capi-ray-overhead-") as tmp:
+        if args.efficiency:
+            return efficiency(args, Path(tmp))
         if not args.skip_sweep:
             results.update(sweep_overhead(args, Path(tmp) / "sweep"))
         if not args.skip_train:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -147,11 +149,12 @@ class StartupRecord(Callback):
     """Writes ``<run dir>/startup.json`` on rank 0 at the run's first log step: when the process
     that trains entered its training function, built the Trainer, opened the data and logged
     (Unix seconds), so that a sweep's start-up can be split into its parts afterwards
-    (``benchmarks/ray_overhead.py``). Only a run's first start is recorded; a resume keeps it."""
+    (``benchmarks/ray_overhead.py``), and which process trained (host and pid). Only a run's first
+    start is recorded; a resume keeps it."""
 
     def __init__(self, run_dir: Path, entered: float):
         self.path = Path(run_dir) / STARTUP_FILE
-        self.times = {"entered": entered}
+        self.times = {"entered": entered, "pid": os.getpid(), "host": socket.gethostname()}
 
     def built(self) -> None:
         self.times["built"] = time.time()

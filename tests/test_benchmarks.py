@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from ray_overhead import CpuShares  # noqa: E402
+from ray_overhead import CpuShares, sweep_efficiency  # noqa: E402
 
 
 def test_cpu_shares_split_the_window_between_training_and_the_rest():
@@ -100,3 +100,32 @@ def test_data_throughput_measures_import_and_decode_scaling(tmp_path):
     assert decode["processes"] == 2 and decode["images_per_s"] > 0 and decode["images_per_cpu_s"] > 0
     plan = data_throughput.imagenet_plan(per_process=100.0, scaling=0.9, cores=64)
     assert plan["images_per_s"] == pytest.approx(5760) and plan["minutes"] == pytest.approx(1_281_167 / 5760 / 60)
+
+
+def test_sweep_efficiency_sums_training_and_splits_start_up(tmp_path):
+    """Two trials with known timelines: started by the driver at 100 and 103, 10 steps logged every
+    2 at 1 s a step from their first log on."""
+    import json
+
+    directory = tmp_path / "sweep"
+    notes = {}
+    for trial, start in (("a_00000", 100.0), ("a_00001", 103.0)):
+        run_dir = directory / "trials" / f"sw-{trial}"
+        run_dir.mkdir(parents=True)
+        notes[trial] = {"number": len(notes) + 1, "started_at": start}
+        first_log = start + 10  # step 2 logged 10 s after the start: the first step ended at start + 9
+        (run_dir / "startup.json").write_text(json.dumps({
+            "entered": start + 4, "built": start + 5, "data_open": start + 6.5, "start_step": 0,
+            "first_log": first_log, "first_log_step": 2}))
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": step, "time": first_log + step - 2, "train/capi_loss": 1.0}) + "\n"
+            for step in range(2, 11, 2)))
+    (directory / "capi_trials.json").write_text(json.dumps(notes))
+    result = sweep_efficiency(directory, wall_s=25.0, concurrency=2)
+    assert result["trials"] == 2
+    assert result["median_startup_s"] == pytest.approx(9.0) and result["median_process_s"] == pytest.approx(4.0)
+    assert result["median_build_s"] == pytest.approx(1.0) and result["median_data_s"] == pytest.approx(1.5)
+    assert result["median_first_step_s"] == pytest.approx(2.5)
+    # Each trained from its first step's start (start + 8) to its last log (start + 18): 10 s.
+    assert result["train_sum_s"] == pytest.approx(20.0) and result["efficiency"] == pytest.approx(20 / 50)
+    assert result["trial_steps"] == {"a_00000": 10, "a_00001": 10}

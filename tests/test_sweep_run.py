@@ -26,8 +26,11 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.sweep import jobs
+from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_probe_step, probe_evals
-from orchestrator.sweep.storage import PROBE_EVALS, sweep_dir
+from orchestrator.ray_internals import SNAPSHOT
+from orchestrator.sweep.storage import NOTES_FILE, PROBE_EVALS, sweep_dir
+from orchestrator.train import STARTUP_FILE
 from orchestrator.sweep.trial import POINTER
 from orchestrator.sweep.tune import fitting_trials, param_space, portable, scheduler
 from orchestrator.tracking import EXPLOITS_TAG, RUN_ID_KEY, STOPPED_TAG, TRIAL_TAG
@@ -266,6 +269,15 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
 
     # The parent's summary names the best finished trial and its value.
     directory = sweep_dir(tmp_path / "sweeps", "e2e")
+    # One-worker trials trained inside their Tune trials: no Ray Train record in their run directories,
+    # and each recorded its start-up from the driver's start time on.
+    notes = json.loads((directory / NOTES_FILE).read_text())
+    for run in children:
+        run_dir = directory / "trials" / run.data.tags["capi.run_name"]
+        startup = json.loads((run_dir / STARTUP_FILE).read_text())
+        assert not (run_dir / SNAPSHOT).exists() and (run_dir / "checkpoints").is_dir()
+        assert notes[run.data.tags[TRIAL_TAG]]["started_at"] <= startup["entered"] <= startup["built"] <= \
+            startup["data_open"] <= startup["first_log"]
     rows = {r["trial_id"]: r for r in json.loads(
         Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())}
     best_id = min((t for t in rows.values() if t["metric"] is not None), key=lambda t: t["metric"])["trial_id"]
@@ -381,6 +393,45 @@ def test_killed_driver_resumes_and_every_trial_trains_once(ray_local, mlflow_ser
     assert status.output.count("TERMINATED") == 3, status.output
 
 
+def test_a_killed_in_trial_process_resumes_from_its_checkpoint_into_the_same_mlflow_run(
+        ray_local, mlflow_server, tiny_dataset, tmp_path):
+    # The trial trains in its Tune actor's process: SIGKILL it after its first checkpoint, and Tune's
+    # retry (failure.max_failures) must resume from that checkpoint, logging on into the same child run.
+    steps, every = 400, 20
+    file = sweep_file(tmp_path, "killed", tiny_dataset, mlflow_server,
+                      base={"preset": "cpu-tiny", "overrides": {
+                          "data.dataset": str(tiny_dataset), "data.loader_workers": 0, "optim.steps": steps,
+                          "probe.every": 200, "run.checkpoint_every": every, "run.log_every": every,
+                          "run.keep_checkpoints": 2, "run.threads": 1}},
+                      search_space={"loss.teacher_temp": {"grid": [0.05]}})
+    box: dict = {}
+    sweep = threading.Thread(target=lambda: box.update(result=CliRunner().invoke(
+        main, ["sweep", "run", str(file), "--no-export"], catch_exceptions=False)), daemon=True)
+    sweep.start()
+    trials = sweep_dir(tmp_path / "sweeps", "killed") / "trials"
+    deadline = time.monotonic() + 180
+    while not list(trials.glob(f"*/checkpoints/{ckpt.checkpoint_name(every)}")):
+        assert time.monotonic() < deadline and sweep.is_alive(), "no first checkpoint in time"
+        time.sleep(0.1)
+    (run_dir,) = [d for d in trials.iterdir() if (d / STARTUP_FILE).exists()]
+    pid = json.loads((run_dir / STARTUP_FILE).read_text())["pid"]
+    assert pid != os.getpid()  # a Ray worker process, not the driver
+    os.kill(pid, signal.SIGKILL)
+    sweep.join(240)
+    assert not sweep.is_alive() and box["result"].exit_code == 0, box.get("result") and box["result"].output
+
+    client = mlflow_client(mlflow_server)
+    _, (run,) = runs_of(client, "sweep-killed")
+    assert run.info.status == "FINISHED"
+    resumed_at = int(run.data.tags["capi.resumed_at_step"])
+    assert every <= resumed_at < steps and resumed_at % every == 0
+    logged = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/capi_loss")})
+    assert logged == list(range(every, steps + 1, every))  # every log step, none missing
+    final = [m for m in client.get_metric_history(run.info.run_id, "probe/knn_top1") if m.step == steps]
+    assert len(final) == 1  # the end was reached once
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)][-1] == ckpt.checkpoint_name(steps)
+
+
 def test_pbt_exploit_seeds_a_new_train_run_from_the_donor_into_the_trial_mlflow_run(mlflow_server, tiny_dataset,
                                                                                    tmp_path):
     # The exploit step by itself (no Tune): PBT hands the trial a donor's pointer checkpoint.
@@ -432,7 +483,9 @@ def test_pbt_exploit_seeds_a_new_train_run_from_the_donor_into_the_trial_mlflow_
     assert donor_run != run_id and EXPLOITS_TAG not in client.get_run(donor_run).data.tags
 
 
-def test_pbt_sweep_reports_pointer_checkpoints_and_finishes(ray_local, mlflow_server, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("launcher", ["auto", "ray_train"])
+def test_pbt_sweep_reports_pointer_checkpoints_and_finishes(ray_local, mlflow_server, tiny_dataset, tmp_path,
+                                                            launcher):
     # 0.5 gives the higher target entropy, so its trial is in the lower quantile and may copy the 0.02
     # trial's checkpoint; whether it does depends on how the two trials overlap in time (PBT skips a
     # leader that has no saved checkpoint yet), so the exploit itself is checked in the test above.
@@ -446,7 +499,8 @@ def test_pbt_sweep_reports_pointer_checkpoints_and_finishes(ray_local, mlflow_se
                       search={"algorithm": "grid", "metric": "train/target_entropy", "mode": "min"},
                       scheduler={"type": "pbt", "perturbation_interval": 1,
                                  "hyperparam_mutations": ["loss.teacher_temp"]},
-                      budget={"max_concurrent_trials": 2})
+                      budget={"max_concurrent_trials": 2},
+                      resources={"workers": 1, "cpus_per_worker": 1, "launcher": launcher})
     result = CliRunner().invoke(main, ["sweep", "run", str(file), "--no-export"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
 
@@ -475,5 +529,8 @@ def test_pbt_sweep_reports_pointer_checkpoints_and_finishes(ray_local, mlflow_se
             seeded = directory / "trials" / f"pbt-{run.data.tags[TRIAL_TAG]}-from-{donor}-{int(step[5:])}"
             assert json.loads((seeded / "checkpoints" / step / "state.json").read_text())["metadata"][
                 RUN_ID_KEY] == run.info.run_id
+    # Which path trained: Ray Train keeps its record of a run's checkpoints in the run directory.
+    run_dirs = [d for d in (directory / "trials").iterdir() if (d / "checkpoints").is_dir()]
+    assert run_dirs and all((d / SNAPSHOT).exists() == (launcher == "ray_train") for d in run_dirs)
     status = CliRunner().invoke(main, ["sweep", "status", "pbt", "--storage", str(tmp_path / "sweeps")])
     assert status.output.count("TERMINATED") == 2, status.output

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from capi_core.config import ConfigError, build_config
 from orchestrator.cli import main
-from orchestrator.sweep.spec import SweepSpecError, SweepSpecWarning, load_sweep
+from orchestrator.sweep.spec import Resources, SweepSpecError, SweepSpecWarning, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 # sweeps/study/ holds study files for benchmarks/recipe_study.py, not sweeps.
@@ -228,6 +228,10 @@ search: {algorithm: grid}
     ("bad name", MINIMAL.replace("name: t", "name: My Sweep"), 1, "name", "should match pattern"),
     ("batch not divisible by workers", MINIMAL + "resources: {workers: 3}\n", 8, "resources.workers",
      "optim.batch_size 32 is not divisible by resources.workers"),
+    ("in-trial training of several workers", MINIMAL + "resources:\n  workers: 2\n  launcher: in_trial\n", 10,
+     "resources.launcher", "in_trial trains in one process: it needs workers: 1"),
+    ("unknown launcher", MINIMAL + "resources:\n  launcher: inline\n", 9, "resources.launcher",
+     "'auto', 'in_trial' or 'ray_train'"),
     ("asha max_t beyond the reports", MINIMAL + "scheduler: {type: asha, max_t: 9}\n", 8, "scheduler.max_t",
      "exceeds the 4 probe evaluations"),
     ("asha grace period that never stops", MINIMAL + "scheduler:\n  type: asha\n  grace_period: 4\n", 10,
@@ -448,3 +452,18 @@ def test_missing_dataset_stops_a_local_sweep_before_ray(tmp_path, monkeypatch):
     assert result.exit_code != 0
     assert "base data.dataset" in result.output and str(missing) in result.output
     assert not (tmp_path / "sweeps" / "t").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_one_worker_trials_train_in_their_trial_unless_ray_train_is_asked_for():
+    assert Resources().in_trial() and Resources(launcher="in_trial").in_trial()
+    assert not Resources(launcher="ray_train").in_trial()
+    assert not Resources(workers=2).in_trial()  # DDP needs Ray Train's worker group
+
+
+def test_the_summary_says_how_trials_share_the_cores():
+    spec = load_sweep(Path(__file__).parents[1] / "sweeps" / "quickstart.yaml")
+    assert spec.core_sharing(2).startswith("cores: 2 trials at a time, each trains in its Tune trial's process "
+                                           "with 1 torch thread: 2 threads on this machine's 2 cores; Ray's own")
+    assert "oversubscribed" in spec.core_sharing(1)  # the same sweep on one core
+    ddp = spec.model_copy(update={"resources": Resources(workers=2)})
+    assert "each is a Ray Train run of 2 workers with 1 torch thread per worker: 4 threads" in ddp.core_sharing(4)

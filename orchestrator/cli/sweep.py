@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -79,6 +80,7 @@ def _print_summary(spec, file: Path) -> None:
     console.print(f"resources per trial: {res.workers} worker(s) x {res.cpus_per_worker:g} CPU, "
                   f"{res.gpus_per_worker:g} GPU; at most {budget.max_concurrent_trials or 'as many as fit'} at once"
                   + (f"; time limit {budget.time_limit_s:g} s" if budget.time_limit_s else ""))
+    console.print(spec.core_sharing(os.cpu_count() or 1))
     console.print(f"tracking: MLflow experiment '{spec.mlflow.experiment or spec.name}'"
                   + (f" at {safe_uri(spec.mlflow.tracking_uri)}" if spec.mlflow.tracking_uri else "")
                   + f"; trials under {spec.storage}; up to {spec.failure.max_failures} restart(s) per trial")

@@ -238,6 +238,16 @@ class Budget(_Strict):
     time_limit_s: float | None = Field(None, gt=0, description="wall-clock limit of the whole sweep; None: none")
 
 
+def _count(n: float, noun: str) -> str:
+    return f"{n:g} {noun}" + ("" if n == 1 else "s")
+
+
+# Ray's own processes (GCS, raylet, dashboard and its agents, the Tune driver) while in-trial trials
+# train, in cores: measured over the quickstart on a 2-core VM with benchmarks/ray_overhead.py
+# --efficiency quickstart (README, Performance).
+RAY_RESIDENT_CORES = 0.1
+
+
 class Resources(_Strict):
     """What one trial asks Ray for: ``workers`` DDP ranks, each with these CPUs and GPUs."""
 
@@ -349,6 +359,25 @@ class SweepSpec(_Strict):
     def reports_per_trial(self) -> int:
         """Probe evaluations (scheduler reports) of a full trial, as the trainer makes them."""
         return probes_per_run(self.base_config)
+
+    def core_sharing(self, cpus: int) -> str:
+        """How the trials share a machine of ``cpus`` cores, for ``capi sweep validate``'s summary."""
+        res = self.resources
+        threads = self.base_config.run.threads or max(1, int(res.cpus_per_worker))
+        at_once = self.budget.max_concurrent_trials or max(1, int(cpus // (res.workers * res.cpus_per_worker)))
+        used = at_once * res.workers * threads
+        where = ("trains in its Tune trial's process" if res.in_trial()
+                 else f"is a Ray Train run of {_count(res.workers, 'worker')}")
+        per = f"{_count(threads, 'torch thread')}" + (" per worker" if res.workers > 1 else "")
+        text = (f"cores: {_count(at_once, 'trial')} at a time, each {where} with {per}: "
+                f"{_count(used, 'thread')} on this machine's {_count(cpus, 'core')}")
+        if used > cpus:
+            return text + "; oversubscribed: lower max_concurrent_trials or run.threads, or the trials slow each other"
+        # Ray's own processes (GCS, raylet, dashboard, the Tune driver) take a share beside the trainers.
+        # It is left to them by sharing, not by a thread fewer: on 2 cores that share is a tenth of a
+        # core or so (README, Performance), while a thread fewer would take half of a 2-thread trainer.
+        return text + f"; Ray's own processes share them (about {RAY_RESIDENT_CORES:g} core while trials train, " \
+                      "measured on 2 cores)"
 
     def check(self) -> list[Problem]:
         """Combinations that pass the schema but cannot work (or probably are mistakes)."""

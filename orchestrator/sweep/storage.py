@@ -173,7 +173,8 @@ def load_sweep_run(storage: str | Path, name: str) -> tuple[SweepSpec, SweepStat
 
 
 def load_trial_notes(directory: Path) -> dict[str, dict[str, Any]]:
-    """trial id -> {"number": k, "stopped": reason}, as the driver recorded them (empty if none yet)."""
+    """trial id -> {"number": k, "stopped": reason, "started_at": Unix seconds}, as the driver recorded
+    them (empty if none yet)."""
     notes = _read_json(Path(directory) / NOTES_FILE)
     return notes if isinstance(notes, dict) else {}
 

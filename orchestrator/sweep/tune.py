@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,18 @@ def scheduler(spec: SweepSpec):
                          grace_period=sched.grace_period, reduction_factor=sched.reduction_factor)
 
 
+def reuse_actors(spec: SweepSpec) -> bool:
+    """Whether a trial's process trains the next trial too: yes when trials train in their own process.
+
+    A new trial then skips starting a process and importing torch, timm and our packages (several
+    seconds a trial on 2 cores). It is safe because Tune's function trials report synchronously: a
+    trial that Tune stops (ASHA, PBT) is waiting in ``tune.report``, and leaves at once, before the
+    process takes the next trial; the Trainer seeds, sizes its threads and builds its model anew for
+    each run. A Ray Train trial's process only waits, so there is nothing to save there.
+    """
+    return spec.resources.in_trial()
+
+
 def fitting_trials(spec: SweepSpec, cluster: dict[str, float]) -> int:
     """How many trials the cluster's resources hold at once (at least 1)."""
     return max(1, min(int(cluster.get(k, 0) // v) for k, v in trial_resources(spec).items()))
@@ -130,6 +143,11 @@ class SweepProgress(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._number(trials)
+        # When Tune started the trial (its first start; a restart keeps it): where its start-up begins
+        # (benchmarks/ray_overhead.py splits it with the trial's startup.json).
+        if "started_at" not in self.notes.setdefault(trial.trial_id, {}):
+            self.notes[trial.trial_id]["started_at"] = round(time.time(), 3)
+            save_trial_notes(self.directory, self.notes)
         self.console.started(trial.trial_id, self.notes[trial.trial_id]["number"], trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -259,7 +277,7 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
                 metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
                 search_alg=searcher(spec, max_concurrent), scheduler=scheduler(spec),
                 time_budget_s=spec.budget.time_limit_s,
-                trial_dirname_creator=trial_dirname),
+                trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(spec)),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=str(directory.parent), verbose=0,
                 failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
