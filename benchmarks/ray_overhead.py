@@ -20,7 +20,8 @@ Measured on a local Ray, no GPU needed:
   logged step) over the sweep's wall time times its concurrency, and each trial's start-up split into
   its parts from the driver's trial start (``capi_trials.json``) and the trial's ``startup.json``:
   Tune's scheduling and the trial process (actor start, imports; with Ray Train also its controller,
-  worker group and process group), the Trainer's construction, opening the data, and the first step.
+  worker group and process group), opening the trial's MLflow run and building the Trainer, opening
+  the data, and the first step.
   ``quickstart`` runs sweeps/quickstart.yaml as it ships; ``asha`` runs a 16-trial ASHA sweep of
   short trials, then the same trials standalone (``capi train``, each for the steps it trained in
   the sweep) back to back in as many lanes as the sweep's concurrency, and compares the wall times.
@@ -387,7 +388,7 @@ def _describe_efficiency(label: str, r: dict) -> str:
            f"{r['cpu_cores_others']:.2f}") if "cpu_cores_training" in r else ""
     return (f"  {label}: {r['trials']} trials in {r['wall_s']:.0f} s at concurrency {r['concurrency']}, training "
             f"{r['train_sum_s']:.0f} s: efficiency {r['efficiency']:.0%}; a trial's start-up (median) "
-            f"{r['median_startup_s']:.1f} s = process {r['median_process_s']:.1f} + Trainer {r['median_build_s']:.1f} "
+            f"{r['median_startup_s']:.1f} s = process {r['median_process_s']:.1f} + MLflow run and Trainer {r['median_build_s']:.1f} "
             f"+ data {r['median_data_s']:.1f} + first step {r['median_first_step_s']:.1f}; the longest "
             f"{r['max_startup_s']:.1f} s (process {r['max_process_s']:.1f})" + cpu)
 

@@ -189,7 +189,8 @@ def trial_config(spec: SweepSpec, params: dict[str, Any], trial_id: str) -> Trai
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune trial: one CAPI run as a Ray Train run, tracked in a child MLflow run."""
+    """The Tune trial: one CAPI run, in this process or as a Ray Train run, tracked in a child MLflow run."""
+    entered = time.time()
     spec, state = setup.spec, setup.state
     trial_id = tune.get_context().get_trial_id()
     config = trial_config(spec, params, trial_id)
@@ -219,7 +220,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
             track.end_run(state.tracking_uri, run_id, "FINISHED")
             return
     if spec.resources.in_trial():
-        train_in_trial(config, scaling, state.tracking_uri, options, run_id, spec.search.metric, trial_id, pbt)
+        train_in_trial(config, scaling, state.tracking_uri, options, run_id, spec.search.metric, trial_id, pbt,
+                       entered)
         return
     try:
         if pbt:
@@ -237,14 +239,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
 
 def train_in_trial(config: TrainConfig, scaling: ScalingOptions, uri: str, options: track.TrackingOptions,
-                   run_id: str, metric: str, trial_id: str, pbt: bool) -> None:
+                   run_id: str, metric: str, trial_id: str, pbt: bool, entered: float) -> None:
     """Train the trial's run in this process (its Tune actor), resuming from the run directory's
     newest checkpoint if it has one, and close its MLflow run. A failure closes the run FAILED and
     raises TrialError, which Tune retries (``failure.max_failures``) from the newest checkpoint.
 
     Tune stops a trial early (ASHA, the time budget) at its next report; the run is closed KILLED by
-    the sweep's callback (``orchestrator.sweep.tune.SweepProgress``)."""
-    entered = time.time()
+    the sweep's callback (``orchestrator.sweep.tune.SweepProgress``). ``entered``: when the trial
+    function started (Unix seconds), for its ``startup.json``."""
     config = placed_config(config, scaling)
     run_dir = Path(run_path(config, scaling))
     startup = StartupRecord(run_dir, entered)
