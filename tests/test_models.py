@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 from capi_core.config import build_config
 from capi_core.models import ClusteringHead, Encoder, Predictor, Student, StudentHead, param_groups
+from capi_core.models.attention import TimmAttention
 from capi_core.models.rope import Rope, apply_rope, patch_coords, register_coords, rope_freqs, token_coords
 from capi_core.models.vit import residual
 
@@ -179,6 +180,45 @@ def test_attention_runs_in_fp32_under_cpu_bf16_autocast(pos_embed):
     q = torch.randn(1, 2, 5, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert F.scaled_dot_product_attention(q, q, q).dtype == torch.bfloat16
+
+
+def test_timm_attention_is_timms_forward_with_fp32_attention_under_autocast():
+    torch.manual_seed(0)
+    ours = TimmAttention(32, num_heads=2, proj_bias=False).eval()
+    plain = timm.layers.Attention(32, num_heads=2, proj_bias=False).eval()
+    assert list(ours.state_dict()) == list(plain.state_dict())  # same layout: exports load into timm
+    plain.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(ours(x), plain(x), rtol=0, atol=0)  # without autocast: timm's own path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(x)
+        # The reference: timm's projections under autocast, the attention product by hand in fp32.
+        q, k, v = plain.qkv(x).reshape(3, 7, 3, 2, 16).permute(2, 0, 3, 1, 4).float().unbind(0)
+        with torch.autocast("cpu", enabled=False):
+            product = (q * 16 ** -0.5 @ k.transpose(-2, -1)).softmax(-1) @ v
+        ref = plain.proj(product.transpose(1, 2).reshape(3, 7, 32))
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0)
+    recorder = SdpaDtypes()
+    with recorder, torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(x)
+    assert recorder.dtypes == [(torch.float32,) * 3]
+    ours.fused_attn = False  # what attention diagnostics switch to: timm's explicit softmax
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos_embed", SCHEMES)
+def test_the_student_runs_without_a_torch_function_mode(pos_embed):
+    # The previous policy wrapped the encoder in a TorchFunctionMode; its per-op Python dispatch cost
+    # ~7 % of a bf16 step. No mode may be active inside any block.
+    student = Student(tiny(pos_embed))
+    depths = []
+    for block in [*student.encoder.vit.blocks, *student.predictor.blocks]:
+        block.register_forward_pre_hook(lambda m, a: depths.append(torch._C._len_torch_function_stack()))
+    visible, predict = masks(2, 16, 6, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        student(torch.randn(2, 1, 16, 16), visible, predict)
+    assert depths == [0] * (len(student.encoder.vit.blocks) + len(student.predictor.blocks))
 
 
 # ------------------------------------------------------------------------------------------- predictor

@@ -42,7 +42,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from capi_core.config import ModelConfig
-from capi_core.models.attention import fp32_attention
+from capi_core.models.attention import TimmAttention
 from capi_core.models.vit import CapiViT
 
 # The timm entry point the learned-position encoder is built from. timm_model_args overrides every size
@@ -74,7 +74,10 @@ class Encoder(nn.Module):
                                cfg.mlp_ratio, cfg.registers, cfg.drop_path)
         else:
             self.timm_architecture = TIMM_ARCHITECTURE
-            self.vit = timm.create_model(self.timm_architecture, pretrained=False, **self.timm_model_args())
+            # TimmAttention: timm's module with the attention product under this project's precision
+            # policy (attention.py); same parameters, so the weights still load into plain timm.
+            self.vit = timm.create_model(self.timm_architecture, pretrained=False, attn_layer=TimmAttention,
+                                         **self.timm_model_args())
             for block in self.vit.blocks:  # CAPI: one drop-path rate in every block, not timm's ramp over depth
                 block.drop_path1 = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
                 block.drop_path2 = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
@@ -111,12 +114,11 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, C, H, W], visible [B, n_vis] patch indices (raster order) or None -> [B, R + n, D]."""
         vit = self.vit
-        with fp32_attention(x):
-            if self.use_rope:
-                return vit.forward_features(x, visible)
-            tokens = vit.patch_embed(x) + vit.pos_embed  # [B, N, D]
-            if visible is not None:
-                tokens = tokens.gather(1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-            if vit.reg_token is not None:
-                tokens = torch.cat([vit.reg_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
-            return vit.norm(vit.blocks(tokens))
+        if self.use_rope:
+            return vit.forward_features(x, visible)
+        tokens = vit.patch_embed(x) + vit.pos_embed  # [B, N, D]
+        if visible is not None:
+            tokens = tokens.gather(1, visible.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+        if vit.reg_token is not None:
+            tokens = torch.cat([vit.reg_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return vit.norm(vit.blocks(tokens))

@@ -21,9 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from capi_core.models.attention import scaled_dot_product_attention
 from capi_core.models.rope import Rope, apply_rope, patch_coords, register_coords, token_coords
 
 NORM_EPS = 1e-5  # the reference's RMSNorm eps
@@ -63,7 +63,7 @@ class Attention(nn.Module):
         q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v)
+            x = scaled_dot_product_attention(q, k, v)  # fp32 under CPU autocast: attention.py
         else:
             x = self.attn_drop((q * self.scale @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
