@@ -388,7 +388,8 @@ def _describe_efficiency(label: str, r: dict) -> str:
            f"{r['cpu_cores_others']:.2f}") if "cpu_cores_training" in r else ""
     return (f"  {label}: {r['trials']} trials in {r['wall_s']:.0f} s at concurrency {r['concurrency']}, training "
             f"{r['train_sum_s']:.0f} s: efficiency {r['efficiency']:.0%}; a trial's start-up (median) "
-            f"{r['median_startup_s']:.1f} s = process {r['median_process_s']:.1f} + MLflow run and Trainer {r['median_build_s']:.1f} "
+            f"{r['median_startup_s']:.1f} s = process {r['median_process_s']:.1f} + MLflow run and Trainer "
+            f"{r['median_build_s']:.1f} "
             f"+ data {r['median_data_s']:.1f} + first step {r['median_first_step_s']:.1f}; the longest "
             f"{r['max_startup_s']:.1f} s (process {r['max_process_s']:.1f})" + cpu)
 

@@ -107,14 +107,15 @@ def test_sweep_submitted_with_a_token_runs_a_trial_on_each_node_and_tracks_to_ml
     for run in [parent, *children]:
         assert password not in repr(run.data.params) + repr(run.data.tags)
 
-    # Placement, from the cluster's State API: one Train worker per trial, one on each node.
+    # Placement, from the cluster's State API: one trial process per trial (one-worker trials train in
+    # their Tune trial's own process, an actor of Tune's ImplicitFunc class), one on each node.
     from ray.util.state import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
     state = StateApiClient(nodes.dashboard, headers={"Authorization": f"Bearer {token}"})
     node_ids = {n.node_id: SECOND in n.resources_total
                 for n in state.list(StateResource.NODES, ListApiOptions(detail=True), raise_on_missing_output=True)}
-    workers = state.list(StateResource.ACTORS, ListApiOptions(filters=[("class_name", "=", "RayTrainWorker")]),
+    workers = state.list(StateResource.ACTORS, ListApiOptions(filters=[("class_name", "=", "ImplicitFunc")]),
                          raise_on_missing_output=True)
     assert len(node_ids) == 2 and sorted(node_ids.values()) == [False, True]
     assert len(workers) == 2, [(w.actor_id, w.state, w.node_id) for w in workers]

@@ -9,8 +9,9 @@ Checkpoints, metrics.jsonl and the MLflow child run are written as a standalone 
 the trial's run directory; a restart (Tune's ``failure.max_failures``, or ``capi sweep resume``)
 resumes from the newest checkpoint there.
 
-**As a Ray Train run** (several workers, or ``launcher: ray_train``): the Tune + Train V2 pattern of Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and
-``Tuner(trainer)`` is deprecated since Train V2 became the default): every trial is a Tune *function*
+**As a Ray Train run** (several workers, or ``launcher: ray_train``): the Tune + Train V2 pattern of
+Ray's docs (Train V2's ``TorchTrainer`` is not a Tune trainable, and ``Tuner(trainer)`` is deprecated
+since Train V2 became the default): every trial is a Tune *function*
 that builds the trial's TrainConfig and ``fit()``s a ``TorchTrainer`` (``orchestrator.train.build_trainer``);
 a ``TuneReportCallback`` inside Train forwards rank 0's probe reports to Tune, where the searcher and
 scheduler see them. The trial function itself takes a token 0.01 CPU (it only waits); Train's workers
