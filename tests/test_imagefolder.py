@@ -219,6 +219,21 @@ def test_bad_folders_and_outputs_are_named(tmp_path):
         import_imagefolder(root, tmp_path / "out", quality=0)
 
 
+def test_running_a_finished_import_again_is_a_no_op_and_another_import_is_refused(tmp_path):
+    root = jpeg_folder(tmp_path / "f", n=6)
+    out = tmp_path / "out"
+    first = import_imagefolder(root, out, workers=1)
+    before = files_state(out)
+    # As a kill between writing the manifest and removing the import's state leaves it.
+    (out / STATE_DIR).mkdir()
+    (out / STATE_DIR / "plan.json").write_text("{}")
+    assert import_imagefolder(root, out, workers=1) == first
+    assert files_state(out) == before and not (out / STATE_DIR).exists()  # nothing rewritten, state gone
+    other = jpeg_folder(tmp_path / "g", n=4)
+    with pytest.raises(DatasetError, match="already a dataset of another import"):
+        import_imagefolder(other, out, workers=1)
+
+
 # ------------------------------------------------------------------------------------------- resume
 
 def _child_import(root: Path, out: Path, errors, limit_bytes: int | None, slow: bool) -> None:

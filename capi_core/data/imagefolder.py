@@ -57,7 +57,7 @@ from torch import Tensor
 from capi_core.atomic import atomic_write_text
 from capi_core.data import images
 from capi_core.data.format import (FORMAT_VERSION, MANIFEST, DatasetError, Manifest, PixelStats, ShardInfo, ShardRows,
-                                   Skipped, encode_png, write_manifest)
+                                   Skipped, encode_png, load_manifest, write_manifest)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SHARD_ROWS = 1024  # ~30 MB of 256-px JPEGs, ~100 MB of ImageNet originals: a few per shuffle window
@@ -355,7 +355,7 @@ def import_imagefolder(root: str | Path, out: str | Path, max_short_side: int | 
     runner = runner or process_runner(workers)
     class_names, files = list_files(root)
     if (out / MANIFEST).exists():
-        raise DatasetError(f"{out} is already a dataset; import into a new --out")
+        return _already_imported(out, root, class_names, files, max_short_side)
     if out.exists() and (not out.is_dir() or any(p.name != STATE_DIR for p in out.iterdir())) \
             and not (out / STATE_DIR / PLAN).is_file():
         raise DatasetError(f"output {out} exists and is neither empty nor an interrupted import")
@@ -392,6 +392,20 @@ def import_imagefolder(root: str | Path, out: str | Path, max_short_side: int | 
                             f"the same import again to resume") from None
         manifest = _manifest(root.name, class_names, plan["mode"], max_short_side, splits, tasks, records)
         write_manifest(out, manifest)
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    return manifest
+
+
+def _already_imported(out: Path, root: Path, class_names: list[str], files: list, max_short_side) -> Manifest:
+    """The manifest of ``out`` when it is this import, finished: the same folder name, classes, file
+    count and size limit. Running a finished import again is then a no-op (and clears the state a
+    kill between the manifest and the clean-up left); anything else in ``out`` is refused."""
+    manifest = load_manifest(out)
+    imported = sum(manifest.splits.values()) + len(manifest.skipped)
+    if (manifest.name, manifest.class_names, manifest.max_short_side, imported) != \
+            (root.name, class_names, max_short_side, len(files)):
+        raise DatasetError(f"{out} is already a dataset of another import ({manifest.name}, {imported} images); "
+                           f"import into a new --out")
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     return manifest
 
