@@ -155,6 +155,7 @@ class StartupRecord(Callback):
     def __init__(self, run_dir: Path, entered: float):
         self.path = Path(run_dir) / STARTUP_FILE
         self.times = {"entered": entered, "pid": os.getpid(), "host": socket.gethostname()}
+        self._written = self.path.exists()  # a resumed run keeps its first start's record
 
     def built(self) -> None:
         self.times["built"] = time.time()
@@ -163,8 +164,9 @@ class StartupRecord(Callback):
         self.times.update(data_open=time.time(), start_step=trainer.step)
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
-        if not trainer.is_main or "first_log" in self.times or self.path.exists():
+        if not trainer.is_main or self._written:
             return
+        self._written = True
         self.times.update(first_log=time.time(), first_log_step=step)
         best_effort(lambda: atomic_write_text(self.path, json.dumps(self.times)), f"could not write {self.path}")
 
@@ -258,8 +260,8 @@ def build_trainer(config: TrainConfig, scaling: ScalingOptions, *, tracking_uri:
     MLflow logging from rank 0 into ``mlflow_run_id`` (opened beforehand) or a new run.
     ``callbacks``: Ray Train ``UserCallback``s, e.g. Tune's ``TuneReportCallback`` in a sweep.
     """
-    use_gpu = scaling.use_gpu if scaling.use_gpu is not None else config.run.device == "cuda"
     config = placed_config(config, scaling)
+    use_gpu = config.run.device == "cuda"
     path = run_path(config, scaling)
     local = "://" not in path
     # A run directory with checkpoints but no Ray record of them was started standalone: resume from it.

@@ -68,6 +68,22 @@ TRIAL_FN_CPU = 0.01  # what a trial function holds while its Train run works; it
 
 
 
+class ProbeGate:
+    """Which of a run's reports Tune sees: one per probe step that carries ``metric``, in step order,
+    with the probe count (``PROBE_EVALS``) that schedulers count time in."""
+
+    def __init__(self, metric: str, config: TrainConfig):
+        self.metric, self.config = metric, config
+        self._last_step = -1
+
+    def item(self, step: int, metrics: dict[str, Any]) -> dict[str, Any] | None:
+        """The report for Tune at ``step``, or None if this one is not for Tune."""
+        if self.metric not in metrics or step <= self._last_step or not is_probe_step(step, self.config):
+            return None
+        self._last_step = step
+        return {"step": step, **metrics, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
+
+
 class ProbeReport(TuneReportCallback):
     """Forwards rank 0's reports at probe steps to Tune, once per step, with the probe count.
 
@@ -82,19 +98,17 @@ class ProbeReport(TuneReportCallback):
         super().__init__()
         if sink is not None:
             set_report_queue(self, sink)
-        self.metric = metric
         self.config = config
-        self._last_step = -1
+        self.gate = ProbeGate(metric, config)
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         report = metrics[0]
         step = int(report.get("step", -1))
-        if self.metric not in report or step <= self._last_step or not is_probe_step(step, self.config):
-            return
         if checkpoint is None and is_checkpoint_step(step, self.config):
             return  # the same step's checkpoint report follows
-        self._last_step = step
-        item = {**report, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
+        item = self.gate.item(step, report)
+        if item is None:
+            return
         if checkpoint is not None:
             item[CHECKPOINT_PATH_KEY] = checkpoint.path
         report_queue(self).put(item)
@@ -111,8 +125,8 @@ class InTrialReport(Callback):
     so everything else the run does at its end (MLflow's final metrics and status) comes first."""
 
     def __init__(self, metric: str, config: TrainConfig, trial_id: str, pbt: bool):
-        self.metric, self.config, self.trial_id, self.pbt = metric, config, trial_id, pbt
-        self._last_step = -1
+        self.config, self.trial_id, self.pbt = config, trial_id, pbt
+        self.gate = ProbeGate(metric, config)
         self._checkpoint: Path | None = None
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
@@ -128,10 +142,9 @@ class InTrialReport(Callback):
         self._report(step, metrics, self._checkpoint)
 
     def _report(self, step: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if self.metric not in metrics or step <= self._last_step or not is_probe_step(step, self.config):
+        item = self.gate.item(step, metrics)
+        if item is None:
             return
-        self._last_step = step
-        item = {"step": step, **metrics, PROBE_EVALS: probe_evals(step, probe_interval(self.config))}
         if self.pbt and checkpoint is not None:
             report_with_pointer(item, self.trial_id, self.config.run.name, str(checkpoint))
         else:
