@@ -272,13 +272,16 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     # One-worker trials trained inside their Tune trials: no Ray Train record in their run directories,
     # and each recorded its start-up from the driver's start time on.
     notes = json.loads((directory / NOTES_FILE).read_text())
+    pids = set()
     for run in children:
         run_dir = directory / "trials" / run.data.tags["capi.run_name"]
         startup = json.loads((run_dir / STARTUP_FILE).read_text())
+        pids.add(startup["pid"])
         assert not (run_dir / SNAPSHOT).exists()
         assert (run_dir / "checkpoints").is_dir() or STOPPED_TAG in run.data.tags  # stopped before its first
         assert notes[run.data.tags[TRIAL_TAG]]["started_at"] <= startup["entered"] <= startup["built"] <= \
             startup["data_open"] <= startup["first_log"]
+    assert len(pids) == 1  # one at a time: the first trial's process trained the other two (reuse_actors)
     rows = {r["trial_id"]: r for r in json.loads(
         Path(client.download_artifacts(parent.info.run_id, "trials.json", str(tmp_path))).read_text())}
     best_id = min((t for t in rows.values() if t["metric"] is not None), key=lambda t: t["metric"])["trial_id"]
