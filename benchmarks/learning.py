@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/learning.py demo                     # cpu-demo: train, then the full test set
     .venv/bin/python benchmarks/learning.py demo --preset cpu-long   # the ~60-minute preset
     .venv/bin/python benchmarks/learning.py noise --seeds 3          # the online probe's noise over seeds
+    .venv/bin/python benchmarks/learning.py paired --seeds 4 --variant optim.warmup_fraction=0.1 \
+        --variant optim.warmup_fraction=0.3 optim.steps=2000             # noise of a sweep's comparisons
     .venv/bin/python benchmarks/learning.py demo optim.steps=200     # any config override
 
 ``demo`` trains a preset with the trainer's online probe (its curve against minutes is printed and
@@ -14,6 +16,12 @@ run and on the same images: the same architecture at its seeded random init, and
 ``noise`` trains the same configuration with several seeds and reports the spread of the online
 probe's ``probe/knn_top1`` and ``probe/knn_gain`` at equal training, and what the probe cost as a
 share of each run: the figure behind "differences below N points are noise".
+
+``paired`` trains several variants of one configuration (each ``--variant`` a comma-separated list of
+overrides) with the same seeds, as the trials of one sweep are (they share ``run.seed``, so the same
+init, batches and masks), and reports the spread over seeds of each pair's *difference*: the noise
+that decides whether one trial of a sweep beats another, beside what two independent runs would
+differ by (sqrt(2) x one run's spread).
 
 Figures print as a table and are written as JSON to ``benchmarks/results/learning-<name>.json`` with
 the machine (CPU model and flags, load average) they were measured on. Nothing here is asserted:
@@ -205,9 +213,55 @@ def noise(args) -> dict:
     return {"preset": args.preset, "overrides": args.overrides, "runs": runs, **summary}
 
 
+def _final_run(preset: str, overrides: list[str], seed: int) -> dict:
+    torch.set_flush_denormal(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
+    return {"seed": seed, "overrides": overrides, "wall_s": round(wall, 1), "curve": curve.points,
+            **curve.points[-1]}
+
+
+def paired_spread(gains: list[list[float]]) -> dict[str, float]:
+    """``gains`` [variants][seeds]: for each pair of variants the mean and the std over seeds of their
+    difference, and the std pooled over pairs (the root of the mean variance): what two trials of one
+    sweep differ by when nothing but training's noise separates them."""
+    pairs = {}
+    for i in range(len(gains)):
+        for j in range(i + 1, len(gains)):
+            d = [a - b for a, b in zip(gains[i], gains[j])]
+            pairs[f"{i}-{j}"] = {"mean": statistics.mean(d), "std": statistics.stdev(d)}
+    pooled = statistics.mean(p["std"] ** 2 for p in pairs.values()) ** 0.5
+    single = statistics.mean(statistics.variance(g) for g in gains) ** 0.5
+    return {"pairs": pairs, "pooled_diff_std": pooled, "single_std": single,
+            "independent_diff_std": single * 2 ** 0.5}
+
+
+def paired(args) -> dict:
+    variants = [[o for o in v.split(",") if o] for v in args.variant]
+    if len(variants) < 2:
+        raise SystemExit("paired needs at least two --variant")
+    jobs = [(args.preset, [*args.overrides, *v], s) for s in range(args.seeds) for v in variants]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.parallel, mp_context=ctx) as pool:
+        runs = list(pool.map(_final_run, *zip(*jobs)))
+    gains = [[r["probe/knn_gain"] for r in runs[i::len(variants)]] for i in range(len(variants))]
+    spread = paired_spread(gains)
+    print(f"\nk-NN gain at the last step over seeds 0-{args.seeds - 1}:")
+    for i, (v, g) in enumerate(zip(variants, gains)):
+        print(f"  {i}: {' '.join(v) or '(base)':<48} " + "  ".join(f"{x:+.2f}" for x in g)
+              + f"   mean {statistics.mean(g):+.2f}")
+    for name, p in spread["pairs"].items():
+        print(f"  difference {name}: {p['mean']:+.2f} +- {p['std']:.2f} (std over seeds)")
+    print(f"the difference of two same-seed trials spreads {spread['pooled_diff_std']:.2f} points (pooled over "
+          f"pairs); one run spreads {spread['single_std']:.2f}, so two independent runs would differ by "
+          f"{spread['independent_diff_std']:.2f}")
+    return {"preset": args.preset, "overrides": args.overrides, "variants": variants, "runs": runs,
+            "gains": gains, **spread}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("demo", "noise"))
+    parser.add_argument("what", choices=("demo", "noise", "paired"))
     parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="noise: runs with seeds 0..N-1")
@@ -216,9 +270,11 @@ def main() -> None:
                         help="demo: train images for the attentive probe (0: skip it)")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="demo: train into DIR and keep its checkpoints (default: a temporary directory)")
+    parser.add_argument("--variant", action="append", default=[], metavar="A=X,B=Y",
+                        help="paired: one variant's overrides, comma-separated (give two or more)")
     parser.add_argument("--name", default=None, help="results file name (default: what and preset)")
     args = parser.parse_intermixed_args()
-    figures = demo(args) if args.what == "demo" else noise(args)
+    figures = {"demo": demo, "noise": noise, "paired": paired}[args.what](args)
     record = {"machine": machine(), **figures}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"learning-{args.name or f'{args.what}-{args.preset}'}.json"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from capi_core.config import build_config
-from capi_core.eval import online_probe
+from capi_core.data.format import load_manifest
+from capi_core.eval import noise, online_probe
 from capi_core.eval.online_probe import (baseline_key, knn_score, load_probe_set, online_probe_set, probe_metrics,
                                          random_init_encoder, random_init_knn)
 from capi_core.train import JsonlMetrics, Trainer
@@ -117,3 +118,37 @@ def test_the_probe_set_is_cached_decoded_and_read_back_identical(tiny_dataset, t
     entry.write_bytes(b"not safetensors")  # a damaged entry is decoded anew, not trusted
     monkeypatch.undo()
     assert torch.equal(load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path).test_x, first.test_x)
+
+
+def test_noise_threshold_is_two_standard_deviations_of_a_difference(tiny_dataset, monkeypatch):
+    cfg = build_config("cpu-tiny").probe
+    n_test = 50  # cpu-tiny's probe queries; the tiny dataset has more test images
+    binomial = noise.probe_noise(tiny_dataset, 16, cfg)
+    assert not binomial.measured and binomial.paired_sigma is None
+    assert binomial.sigma == pytest.approx(100 * (0.25 / n_test) ** 0.5)
+    assert binomial.threshold == pytest.approx(2 * 2 ** 0.5 * binomial.sigma)  # two independent scores
+
+    manifest = load_manifest(tiny_dataset)
+    key = (manifest.name, 16, cfg.train_images, n_test)
+    monkeypatch.setitem(noise.MEASURED_NOISE, key, 0.7)
+    monkeypatch.setitem(noise.MEASURED_PAIRED_NOISE, key, 0.4)
+    independent = noise.probe_noise(tiny_dataset, 16, cfg)
+    assert independent.measured and independent.threshold == pytest.approx(2 * 2 ** 0.5 * 0.7)
+    paired = noise.probe_noise(tiny_dataset, 16, cfg, paired=True)
+    assert paired.threshold == pytest.approx(0.8)  # same-seed trials: their own, smaller spread
+    assert "differences below 0.8 points are noise" in paired.sentence()
+
+
+def test_trials_pair_only_when_they_share_seed_and_architecture():
+    assert noise.trials_are_paired(["optim.warmup_fraction", "loss.teacher_temp", "masking.ratio"])
+    assert not noise.trials_are_paired(["optim.lr", "model.registers"])  # another shape, another init
+    assert not noise.trials_are_paired(["run.seed"])
+
+
+def test_the_quickstart_reports_its_paired_noise():
+    from orchestrator.sweep.spec import load_sweep
+    from orchestrator.sweep.storage import noise_note
+
+    note = noise_note(load_sweep("sweeps/quickstart.yaml"))
+    assert note is not None and "20,000 train / 10,000 test" in note
+    assert "differences below 0.9 points are noise" in note and "share their seed" in note

@@ -1,12 +1,24 @@
-"""How far apart two online-probe scores must be to mean something: the spread of
-``probe/knn_top1`` over training seeds where it was measured, else the binomial sampling error of the
-probe's query images. Computed from a dataset's manifest alone, without torch, so that sweep tables
-(``capi sweep status``) can print it quickly.
+"""How far apart two online-probe scores must be to mean something.
+
+Two scores are told apart when they differ by more than two standard deviations of their
+*difference*. What that standard deviation is depends on how the two runs relate:
+
+- Trials of one sweep share ``run.seed``: the same init (unless the sweep changes the model's shape),
+  the same batches and the same masks. Much of a run's luck is its seed's, so their difference
+  spreads far less than two independent runs' would: measured on the quickstart's four trials over
+  three seeds, 0.45 points against 1.74 (``benchmarks/learning.py paired``).
+- Runs with different seeds or architectures differ by sqrt(2) x the spread of one run's score over
+  training seeds (``benchmarks/learning.py noise``), or, where that was not measured, by the binomial
+  sampling error of the probe's query images.
+
+Computed from a dataset's manifest alone, without torch, so that sweep tables (``capi sweep status``)
+can print it quickly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,34 +40,65 @@ MEASURED_NOISE: dict[tuple[str, int, int, int], float] = {
     ("fashion-mnist", 28, 60000, 10000): 0.44,
 }
 
+# Standard deviation (points) over training seeds of the difference between two trials of one sweep
+# (same seed, same architecture), same key. The quickstart's 2 x 2 grid (warmup 0.1 / 0.3 x momentum
+# flat / rising), 2,000 steps, seeds 0-2, pooled over its 6 pairs (2026-12-07, 2-core AMD EPYC, bf16;
+# docs/cpu_recipe/results/learning-paired-quickstart.json). Each pair kept its order on every seed: the
+# best variant led the worst by +1.68 +- 0.28.
+MEASURED_PAIRED_NOISE: dict[tuple[str, int, int, int], float] = {
+    ("fashion-mnist", 28, 20000, 10000): 0.45,
+}
+
 
 @dataclass(frozen=True)
 class ProbeNoise:
-    sigma: float  # points
+    sigma: float  # points: the spread of one run's score over training seeds
     measured: bool  # from MEASURED_NOISE rather than the binomial floor
     probe_set: str  # what the probe set is
+    paired_sigma: float | None = None  # points: the spread of the difference of two same-seed trials
+
+    @property
+    def difference_sigma(self) -> float:
+        """The standard deviation of the difference of two scores: paired where measured, else sqrt(2) sigma."""
+        return self.paired_sigma if self.paired_sigma is not None else math.sqrt(2.0) * self.sigma
 
     @property
     def threshold(self) -> float:
-        """Differences below two standard deviations are not told apart from noise."""
-        return 2.0 * self.sigma
+        """Differences below two standard deviations of a difference are not told apart from noise."""
+        return 2.0 * self.difference_sigma
 
     def sentence(self) -> str:
-        how = ("the spread of probe/knn_top1 over training seeds, measured by `benchmarks/learning.py noise`" if
-               self.measured else "the binomial sampling error of the probe's query images; not measured for "
-               "this probe set (`benchmarks/learning.py noise` measures it)")
-        return (f"probe set {self.probe_set}; differences below {self.threshold:.1f} points are noise "
-                f"(2 x {self.sigma:.2f}: {how})")
+        if self.paired_sigma is not None:
+            how = (f"2 x {self.paired_sigma:.2f}, the spread over seeds of the difference of two trials that "
+                   f"share their seed, measured by `benchmarks/learning.py paired`; runs with other seeds "
+                   f"differ by up to {2 * math.sqrt(2.0) * self.sigma:.1f} by chance")
+        elif self.measured:
+            how = (f"2 x sqrt(2) x {self.sigma:.2f}, the spread of probe/knn_top1 over training seeds, measured "
+                   f"by `benchmarks/learning.py noise`")
+        else:
+            how = (f"2 x sqrt(2) x {self.sigma:.2f}, the binomial sampling error of the probe's query images; "
+                   f"not measured for this probe set (`benchmarks/learning.py noise` measures it)")
+        return f"probe set {self.probe_set}; differences below {self.threshold:.1f} points are noise ({how})"
 
 
-def probe_noise(dataset_dir: str | Path, img_size: int, cfg: ProbeConfig) -> ProbeNoise:
-    """The probe's noise for a dataset and probe settings, from the manifest alone (no image is read)."""
+def probe_noise(dataset_dir: str | Path, img_size: int, cfg: ProbeConfig, paired: bool = False) -> ProbeNoise:
+    """The probe's noise for a dataset and probe settings, from the manifest alone (no image is read).
+    ``paired``: the scores compared are trials of one sweep that share seed and architecture."""
     manifest = load_manifest(dataset_dir)
     test_split = "test" if "test" in manifest.splits else "train"
     n_train = min(cfg.train_images, manifest.splits.get("train", 0))
     n_test = min(cfg.test_images, manifest.splits[test_split])
     described = f"{manifest.name}: {n_train:,} train / {n_test:,} {test_split} images"
-    measured = MEASURED_NOISE.get((manifest.name, img_size, n_train, n_test))
+    key = (manifest.name, img_size, n_train, n_test)
+    paired_sigma = MEASURED_PAIRED_NOISE.get(key) if paired else None
+    measured = MEASURED_NOISE.get(key)
     if measured is not None:
-        return ProbeNoise(measured, True, described)
-    return ProbeNoise(100.0 * math.sqrt(0.25 / max(n_test, 1)), False, described)
+        return ProbeNoise(measured, True, described, paired_sigma)
+    return ProbeNoise(100.0 * math.sqrt(0.25 / max(n_test, 1)), False, described, paired_sigma)
+
+
+def trials_are_paired(swept: Iterable[str]) -> bool:
+    """Whether the trials of a sweep over these dotted fields share seed and architecture (so their
+    scores compare as paired): nothing under ``model.`` (another shape draws another init) and not
+    ``run.seed``."""
+    return not any(name.startswith("model.") or name == "run.seed" for name in swept)

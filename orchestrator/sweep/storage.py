@@ -33,7 +33,7 @@ from capi_core.checkpoint_dirs import STATE, latest_checkpoint
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, resolve_dataset
 from capi_core.errors import CapiError
-from capi_core.eval.noise import probe_noise
+from capi_core.eval.noise import probe_noise, trials_are_paired
 from orchestrator.sweep.spec import SweepSpec
 
 PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
@@ -216,7 +216,7 @@ def noise_note(spec: SweepSpec) -> str | None:
     cfg = spec.base_config
     try:
         return probe_noise(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size,
-                           cfg.probe).sentence()
+                           cfg.probe, paired=trials_are_paired(spec.search_space)).sentence()
     except (DatasetError, OSError):
         return None
 
