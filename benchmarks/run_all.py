@@ -174,7 +174,8 @@ def table(results: dict) -> list[tuple[str, str, str, str]]:
                          f"({r['ray-1w_images_per_s']:.0f} -> {r['ray-2w_images_per_s']:.0f})", ""))
     if results.get("peer"):
         p = results["peer"]
-        rows.append(("peer: lightly 1.6 CAPI", f"{p['preset']}, batch {p['batch']}, {p['precision']}",
+        rows.append(("peer: lightly 1.6 CAPI",
+                     f"{p['preset']}, batch {p['batch']}, ours {p['precision']}, lightly {p['lightly_precision']}",
                      f"ours {p['ours']['images_per_s']:.1f} vs lightly {p['lightly']['images_per_s']:.1f} img/s: "
                      f"lightly takes {p['ratio']:.2f}x as long", "ours faster"))
     return rows
