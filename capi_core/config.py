@@ -194,10 +194,13 @@ class DataConfig(_Strict):
     split: str = "train"
     crop_scale: tuple[float, float] = (0.6, 1.0)
     hflip: bool = True
-    loader_workers: int = Field(1, ge=0, description="decode/augment processes per training process")
-    decode: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where images are decoded: loader processes (cpu), or the training GPU with nvJPEG "
-                            "(cuda); auto: cuda when training on CUDA from a JPEG dataset"
+    loader_workers: int = Field(1, ge=0, description="decode/augment processes per training process (none with "
+                                                      "decode memory)")
+    decode: Literal["auto", "cpu", "cuda", "memory"] = Field(
+        "auto", description="where images are decoded: loader processes (cpu), the training GPU with nvJPEG (cuda), "
+                            "or the whole split once into the training process's memory (memory: small datasets "
+                            "of one image size); auto: memory for a split of at most 512 MiB decoded, else cuda when "
+                            "training on CUDA from a JPEG dataset, else cpu"
     )
 
     @model_validator(mode="after")

@@ -58,60 +58,64 @@ def cfg_for(dataset, **kwargs):
     return DataConfig(dataset=str(dataset), **{"loader_workers": 0, **kwargs})
 
 
+@pytest.mark.parametrize("decode", ["cpu", "memory"])
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_ranks_get_disjoint_complete_shares_every_epoch(numbered, small_windows, world_size):
+def test_ranks_get_disjoint_complete_shares_every_epoch(numbered, small_windows, world_size, decode):
     dataset, _ = numbered
     for epoch in (0, 1):
         shares = []
         for rank in range(world_size):
             share = len(range(rank, N, world_size))
-            _, labels = take(cfg_for(dataset), -(-2 * share // 4), img_size=12, batch_size=4, rank=rank,
+            _, labels = take(cfg_for(dataset, decode=decode), -(-2 * share // 4), img_size=12, batch_size=4, rank=rank,
                              world_size=world_size)
             shares.append(set(labels.flatten()[epoch * share:(epoch + 1) * share].tolist()))
             assert len(shares[-1]) == share  # no repeat inside a rank's epoch
         assert set().union(*shares) == set(range(N)) and sum(map(len, shares)) == N
 
 
-def test_order_is_a_function_of_seed_and_epoch(numbered, small_windows):
+@pytest.mark.parametrize("decode", ["cpu", "memory"])
+def test_order_is_a_function_of_seed_and_epoch(numbered, small_windows, decode):
     dataset, _ = numbered
-    x, labels = take(cfg_for(dataset), 10, img_size=12, batch_size=10, seed=3)
+    x, labels = take(cfg_for(dataset, decode=decode), 10, img_size=12, batch_size=10, seed=3)
     epochs = labels.reshape(2, N)
     assert sorted(epochs[0].tolist()) == sorted(epochs[1].tolist()) == list(range(N))
     assert not torch.equal(epochs[0], epochs[1])
-    x2, labels2 = take(cfg_for(dataset), 10, img_size=12, batch_size=10, seed=3)
+    x2, labels2 = take(cfg_for(dataset, decode=decode), 10, img_size=12, batch_size=10, seed=3)
     assert torch.equal(labels, labels2) and torch.equal(x, x2)
-    _, other = take(cfg_for(dataset), 5, img_size=12, batch_size=10, seed=4)
+    _, other = take(cfg_for(dataset, decode=decode), 5, img_size=12, batch_size=10, seed=4)
     assert not torch.equal(other.flatten(), epochs[0])
 
 
-def test_start_step_resumes_the_uninterrupted_sequence(numbered, small_windows):
+@pytest.mark.parametrize("decode", ["cpu", "memory"])
+def test_start_step_resumes_the_uninterrupted_sequence(numbered, small_windows, decode):
     dataset, _ = numbered
     kwargs = dict(img_size=10, batch_size=8, rank=1, world_size=2, seed=7)  # 25 samples per epoch: batches straddle
-    x, y = take(cfg_for(dataset), 9, **kwargs)
-    x_resumed, y_resumed = take(cfg_for(dataset), 4, start_step=5, **kwargs)
+    x, y = take(cfg_for(dataset, decode=decode), 9, **kwargs)
+    x_resumed, y_resumed = take(cfg_for(dataset, decode=decode), 4, start_step=5, **kwargs)
     assert torch.equal(x[5:], x_resumed) and torch.equal(y[5:], y_resumed)
 
 
 def test_loader_processes_do_not_change_batches(numbered, small_windows):
     dataset, _ = numbered
     kwargs = dict(img_size=12, batch_size=6, seed=1, start_step=2)
-    x0, y0 = take(cfg_for(dataset, loader_workers=0), 5, **kwargs)
-    x2, y2 = take(cfg_for(dataset, loader_workers=2), 5, **kwargs)
+    x0, y0 = take(cfg_for(dataset, loader_workers=0, decode="cpu"), 5, **kwargs)
+    x2, y2 = take(cfg_for(dataset, loader_workers=2, decode="cpu"), 5, **kwargs)
     assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 
-def test_batches_are_normalised_flipped_crops_of_the_source(numbered):
+@pytest.mark.parametrize("decode", ["cpu", "memory"])
+def test_batches_are_normalised_flipped_crops_of_the_source(numbered, decode):
     dataset, pixels = numbered
     manifest = load_manifest(dataset)
     normalised = (torch.from_numpy(pixels).float()[:, None] / 255 - manifest.mean[0]) / manifest.std[0]
     # scale (1, 1) on square images: every draw fails, torchvision's fallback is the whole image.
-    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=True), 4, img_size=12, batch_size=25)
+    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=True, decode=decode), 4, img_size=12, batch_size=25)
     x, y = x.flatten(0, 1), y.flatten()
     source = normalised[y]
     same = (x - source).abs().flatten(1).amax(1) < 1e-5
     mirrored = (x - source.flip(-1)).abs().flatten(1).amax(1) < 1e-5
     assert torch.all(same | mirrored) and 0.25 < mirrored.float().mean() < 0.75
-    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=False), 1, img_size=12, batch_size=25)
+    x, y = take(cfg_for(dataset, crop_scale=(1.0, 1.0), hflip=False, decode=decode), 1, img_size=12, batch_size=25)
     torch.testing.assert_close(x[0], normalised[y[0]], atol=1e-5, rtol=0)
 
 
@@ -327,8 +331,39 @@ def test_auto_decodes_on_the_gpu_only_for_jpeg_datasets_on_cuda(photos, numbered
     jpegs, pngs = load_manifest(photos), load_manifest(numbered[0])
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device name: no GPU needed for the rule
     assert resolve_decode("auto", cuda, jpegs) == "cuda" and resolve_decode("auto", cpu, jpegs) == "cpu"
-    assert resolve_decode("auto", cuda, pngs) == "cpu"  # IDX imports store PNG: the loader processes decode them
+    # An IDX import is small and of one size: held decoded in memory, on any device.
+    assert resolve_decode("auto", cuda, pngs) == "memory" and resolve_decode("auto", cpu, pngs) == "memory"
     assert resolve_decode("cpu", cuda, jpegs) == "cpu" and resolve_decode("cuda", cuda, pngs) == "cuda"
+
+
+def test_memory_batches_are_the_loader_batches_within_a_grey_level_or_two(numbered, small_windows):
+    """Same samples, boxes and flips; the batched resize rounds like torch's uint8 kernel up to its
+    fixed-point weights (random 12x12 noise is the hardest case: the cubic overshoots everywhere)."""
+    dataset, _ = numbered
+    std = load_manifest(dataset).std[0]
+    kwargs = dict(img_size=16, batch_size=10, seed=5, start_step=3)
+    x_cpu, y_cpu = take(cfg_for(dataset, decode="cpu", crop_scale=(0.3, 1.0)), 5, **kwargs)
+    x_mem, y_mem = take(cfg_for(dataset, decode="memory", crop_scale=(0.3, 1.0)), 5, **kwargs)
+    assert torch.equal(y_cpu, y_mem)
+    levels = ((x_cpu - x_mem).abs() * std * 255).round()
+    assert levels.max() <= 2 and (levels > 0).float().mean() < 0.02
+
+
+def test_memory_decoding_needs_one_image_size_and_a_small_split(photos, numbered, monkeypatch):
+    with pytest.raises(ValueError, match="data.decode 'memory' needs a dataset whose images share one size"):
+        train_batches(cfg_for(photos, decode="memory"), 16, 4)
+    monkeypatch.setattr(reader, "MEMORY_SPLIT_BYTES", 1000)  # the numbered split is 50 x 144 bytes
+    assert reader.resolve_decode("auto", torch.device("cpu"), load_manifest(numbered[0])) == "cpu"
+    with pytest.raises(ValueError, match="decodes to 0 MiB, above the 0 MiB held in memory"):
+        train_batches(cfg_for(numbered[0], decode="memory"), 12, 4)
+
+
+def test_a_memory_split_is_decoded_once_per_process(numbered):
+    reader.decoded_split.cache_clear()
+    for _ in range(2):
+        take(cfg_for(numbered[0], decode="memory"), 2, img_size=12, batch_size=4)
+    info = reader.decoded_split.cache_info()
+    assert info.misses == 1 and info.hits >= 3
 
 
 def test_format_1_datasets_still_read(tmp_path):

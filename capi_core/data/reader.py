@@ -17,10 +17,14 @@ Training order and augmentation are pure functions of ``(seed, epoch, sample ind
   scaled with it), which is much cheaper for large stored images.
 - Where decoding runs (``DataConfig.decode``): ``"cpu"``, in the loader processes; ``"cuda"``, the
   loader processes only read the bytes and draw the boxes, and the training process decodes the whole
-  batch with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and crops on the GPU; ``"auto"``
-  is ``"cuda"`` when training on a CUDA device from JPEGs (``resolve_decode``). The decoder is part
-  of the function: CPU and GPU
-  decoding of a JPEG differ by IDCT rounding, so a run resumes exactly under the same ``decode``.
+  batch with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``) and crops on the GPU; ``"memory"``,
+  the training process decodes the whole split once (a small dataset whose images share one size,
+  such as Fashion-MNIST: 47 MB) and cuts every batch's crops from it in one batched product
+  (``resample.crop_resize``, no loader process). ``"auto"`` is ``"memory"`` for a split that decodes
+  to at most ``MEMORY_SPLIT_BYTES``, else ``"cuda"`` when training on a CUDA device from JPEGs, else
+  ``"cpu"`` (``resolve_decode``). The decoder is part of the function: CPU and GPU decoding of a JPEG
+  differ by IDCT rounding, and the batched resize by a grey level here and there, so a run resumes
+  exactly under the same ``decode``.
 - Batches travel as uint8 and are normalised (``(x / 255 - mean) / std``, float32) on the training
   device, a quarter of the bytes of float32 batches between processes and to the GPU.
 
@@ -29,6 +33,7 @@ So batch ``s`` is the same whatever the number of loader processes, and ``start_
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import OrderedDict
@@ -43,12 +48,18 @@ from torchvision.io import decode_jpeg
 
 from capi_core.config import DataConfig
 from capi_core.data import images, resolve_dataset
-from capi_core.data.format import Manifest, ShardInfo, load_manifest, read_shard
+from capi_core.data.format import DatasetError, Manifest, ShardInfo, load_manifest, read_shard
+from capi_core.data.resample import crop_resize
 from capi_core.errors import CapiError
 
 RATIO = (3 / 4, 4 / 3)
 ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before falling back to a centre crop
 WINDOW_BYTES = 256 << 20  # shuffle window, and half of each loader process's shard cache
+# Splits that decode to at most this are held whole in the training process (decode "memory"). Measured
+# on Fashion-MNIST (60,000 28x28 images, 47 MB, decoded in ~3 s once per process), a batch of 64 crops
+# costs ~1 ms this way against ~7 ms decoded and resized image by image, which on 2 cores a loader
+# process took from the training threads.
+MEMORY_SPLIT_BYTES = 512 << 20
 
 
 def shard_paths(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -225,16 +236,57 @@ def decode_on_device(batch: EncodedBatch, size: int, channels: int, device: torc
     return out.permute(0, 3, 1, 2)
 
 
-def resolve_decode(decode: str, device: torch.device, manifest: Manifest) -> str:
-    """``DataConfig.decode`` for a run on ``device``. ``"auto"`` is ``"cuda"`` where it helps: training on a
-    CUDA device from a dataset of JPEGs (an image-folder import); PNG datasets (IDX imports) and CPU
-    runs decode in the loader processes."""
+def decoded_bytes(manifest: Manifest, split: str) -> int | None:
+    """What ``split`` takes decoded (uint8), or None when its images do not share one size."""
+    if manifest.image_size is None:
+        return None
+    height, width = manifest.image_size
+    return manifest.splits.get(split, 0) * manifest.channels * height * width
+
+
+def resolve_decode(decode: str, device: torch.device, manifest: Manifest, split: str = "train") -> str:
+    """``DataConfig.decode`` for a run on ``device``. ``"auto"``: ``"memory"`` for a split that decodes to at
+    most ``MEMORY_SPLIT_BYTES`` (IDX imports such as Fashion-MNIST); else ``"cuda"`` when training on a
+    CUDA device from a dataset of JPEGs (an image-folder import); else the loader processes (``"cpu"``)."""
+    size = decoded_bytes(manifest, split)
     if decode == "auto":
+        if size is not None and size <= MEMORY_SPLIT_BYTES:
+            return "memory"
         jpeg = bool(manifest.encodings) and all(kind.startswith("jpeg") for kind in manifest.encodings)
         return "cuda" if device.type == "cuda" and jpeg else "cpu"
     if decode == "cuda" and device.type != "cuda":
         raise ValueError(f"data.decode 'cuda' needs training on a CUDA device, not {device}")
+    if decode == "memory" and size is None:
+        raise ValueError(f"data.decode 'memory' needs a dataset whose images share one size; {manifest.name}'s "
+                         f"vary: use 'cpu'")
+    if decode == "memory" and size > MEMORY_SPLIT_BYTES:
+        raise ValueError(f"data.decode 'memory': split {split!r} of {manifest.name} decodes to {size / 2**20:,.0f} "
+                         f"MiB, above the {MEMORY_SPLIT_BYTES >> 20} MiB held in memory; use 'cpu'")
     return decode
+
+
+@functools.lru_cache(maxsize=1)
+def decoded_split(dataset_dir: Path, split: str, shards: tuple[str, ...]) -> tuple[Tensor, np.ndarray]:
+    """uint8 ``[N, C, H, W]`` and labels ``[N]`` of a whole split, in row order (``shards``: their
+    checksums, so a changed dataset is decoded again). Kept for the process's next call: a sweep's
+    trial process trains one trial after another on the same split."""
+    manifest = load_manifest(dataset_dir)
+    infos = manifest.split_shards(split)
+    height, width = manifest.image_size
+    x = torch.empty(manifest.splits[split], manifest.channels, height, width, dtype=torch.uint8)
+    labels, done = [], 0
+    for info in infos:
+        table = read_shard(dataset_dir / info.file, info, columns=["image", "label"],
+                           num_classes=len(manifest.class_names))
+        for row, blob in enumerate(table.column("image").to_pylist()):
+            try:
+                x[done] = images.decode(blob, manifest.channels)
+            except (RuntimeError, OSError) as err:
+                raise DatasetError(f"image {row} of shard {dataset_dir / info.file} does not decode to "
+                                   f"{manifest.channels} x {height} x {width}: {err}") from None
+            done += 1
+        labels.append(table.column("label").to_numpy())
+    return x, np.concatenate(labels).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,9 +333,10 @@ class TrainBatches(torch.utils.data.Dataset):
     its ``EncodedBatch`` when the training process decodes (``decode="cuda"``)."""
 
     def __init__(self, dataset_dir: Path, cfg: DataConfig, img_size: int, batch_size: int, rank: int,
-                 world_size: int, seed: int, encoded: bool = False):
+                 world_size: int, seed: int, encoded: bool = False, in_memory: bool = False):
         self.dir, self.cfg, self.img_size, self.batch_size = dataset_dir, cfg, img_size, batch_size
         self.rank, self.world_size, self.seed, self.encoded = rank, world_size, seed, encoded
+        self.in_memory = in_memory
         self.manifest = load_manifest(dataset_dir)
         self.shards = self.manifest.split_shards(cfg.split)
         self.offsets = np.cumsum([0] + [s.rows for s in self.shards])
@@ -318,6 +371,8 @@ class TrainBatches(torch.utils.data.Dataset):
         index = np.empty_like(positions)
         for e in np.unique(epochs):
             index[epochs == e] = self._order(int(e))[positions[epochs == e]]
+        if self.in_memory:
+            return self._from_memory(epochs, index)
         shard = np.searchsorted(self.offsets, index, side="right") - 1
         row = index - self.offsets[shard]
         blobs, labels = [], np.empty(len(index), np.int64)
@@ -330,6 +385,19 @@ class TrainBatches(torch.utils.data.Dataset):
         if self.encoded:
             return EncodedBatch.pack(blobs, boxes, flips, labels)
         return crop_batch(blobs, boxes, flips, self.img_size, self.manifest.channels), torch.from_numpy(labels)
+
+
+    def _from_memory(self, epochs: np.ndarray, index: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The batch of samples ``index`` [B] cut from the decoded split: the same boxes and flips as from
+        the encoded images, all resized in one batched product."""
+        x, labels = decoded_split(self.dir, self.cfg.split, tuple(s.sha256 for s in self.shards))
+        height, width = self.manifest.image_size
+        n = len(index)
+        boxes, flips = augment_params(self.seed, epochs, index, np.full(n, height), np.full(n, width),
+                                      self.cfg.crop_scale, self.cfg.hflip)
+        crops = crop_resize(x[torch.from_numpy(index)], torch.from_numpy(boxes),
+                            None if flips is None else torch.from_numpy(flips), self.img_size)
+        return crops, torch.from_numpy(labels[index])
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -346,17 +414,21 @@ def train_batches(cfg: DataConfig, img_size: int, batch_size: int, rank: int = 0
     """Infinite (images float32 ``[B, C, img_size, img_size]`` on ``device``, labels int64 ``[B]``) for one rank.
 
     ``B = batch_size`` per rank. Batches are read (and, with ``decode="cpu"``, decoded and augmented)
-    by ``cfg.loader_workers`` processes (0: in this process); batch ``s`` depends only on (dataset,
+    by ``cfg.loader_workers`` processes (0, or ``decode="memory"``: in this process); batch ``s`` depends only on (dataset,
     cfg, seed, rank, world_size, s) and, through the decoder, on where decoding runs.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     device = torch.device(device)
     dataset_dir = resolve_dataset(cfg.dataset, cfg.cache_dir)
-    decode = resolve_decode(cfg.decode, device, load_manifest(dataset_dir))
-    dataset = TrainBatches(dataset_dir, cfg, img_size, batch_size, rank, world_size, seed, encoded=decode != "cpu")
+    decode = resolve_decode(cfg.decode, device, load_manifest(dataset_dir), cfg.split)
+    dataset = TrainBatches(dataset_dir, cfg, img_size, batch_size, rank, world_size, seed,
+                           encoded=decode == "cuda", in_memory=decode == "memory")
+    # An in-memory split is cut in this process: a loader process would hold a copy of the split for
+    # work that takes ~1 ms a batch.
+    workers = 0 if decode == "memory" else cfg.loader_workers
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=_Steps(start_step),
-                                         num_workers=cfg.loader_workers, pin_memory=device.type == "cuda")
+                                         num_workers=workers, pin_memory=device.type == "cuda")
     return _on_device(iter(loader), dataset.manifest, img_size, device)
 
 
