@@ -421,7 +421,9 @@ def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepS
     client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
                                              "search.metric": spec.search.metric, "search.mode": spec.search.mode,
                                              "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
-    save_sweep_view(client, run.info.experiment_id, spec)
+    # A view the store refuses (a tag holds 20,000 characters: a search space of hundreds of paths) costs
+    # only the columns: the link then opens MLflow's default ones.
+    best_effort(lambda: save_sweep_view(client, run.info.experiment_id, spec), "MLflow view of the runs table")
     return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id, source=source)
 
 
