@@ -12,7 +12,9 @@ evaluation pictures in the run directory.
 
 A sweep is a parent run (role ``sweep``: the sweep file, search space and settings, at the end the
 best trial and the trial counts) with one child run per trial, found again by its ``capi.trial_id``
-tag; every ``capi.*`` tag is named here. Every client comes from ``mlflow_client``.
+tag; every ``capi.*`` tag is named here. Its experiment keeps a saved view of the runs table per sweep
+(the metric, the probe's scores and the swept params as columns), which ``runs_page`` links to. Every
+client comes from ``mlflow_client``.
 
 The store is MLflow's own choice unless told otherwise: ``--tracking-uri``, then
 ``MLFLOW_TRACKING_URI``, then MLflow 3's default ``sqlite:///mlflow.db`` in the working directory.
@@ -37,7 +39,7 @@ from dataclasses import asdict
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, urlencode, urlparse
 
 import mlflow
 import torch
@@ -55,6 +57,7 @@ from capi_core.errors import CapiError
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.eval.diagnostics import diag_metrics
+from capi_core.eval.online_probe import METRICS as PROBE_METRICS
 from capi_core.train import Callback, Trainer
 from orchestrator.sweep.console import describe_values
 from orchestrator.sweep.spec import SweepSpec
@@ -80,6 +83,9 @@ EXPLOITS_TAG = "capi.pbt_exploits"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view (traces, "Detect issues"), where
 # runs show only after switching to "Model training"; this value makes it open as a training experiment.
 EXPERIMENT_KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3.17's UI keeps a saved view of the runs table (columns, sort) in an experiment tag named by this
+# prefix and the view's key, and opens the table in that view when the address carries ``viewStateShareKey``.
+VIEW_TAG_PREFIX, VIEW_KEY_PARAM = "mlflow.sharedViewState.", "viewStateShareKey"
 REDACTED = "***"
 _SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
 # MLflow's per-call limits (mlflow.utils.validation): 100 params/tags and 1000 metrics per log_batch.
@@ -285,13 +291,20 @@ def _program(argv0: str) -> str:
     return f"python -m {path.parent.name}" if path.name == "__main__.py" else path.name
 
 
-def runs_page(uri: str, server: str, experiment: str) -> str:
+def runs_page(uri: str, server: str, experiment: str, sweep: str | None = None) -> str:
     """The address of an experiment's runs table in the MLflow UI at ``server``. MLflow 3.17's UI
     opens every experiment in its GenAI view whatever the experiment's kind tag says, unless the
-    address asks for the training view (``workflowType=machine_learning``, which it then remembers)."""
+    address asks for the training view (``workflowType=machine_learning``, which it then remembers).
+
+    With ``sweep``, the table opens in that sweep's saved view (``save_sweep_view``: its metrics and
+    swept params as columns, sorted by its metric), if the experiment holds it: the UI answers a key
+    it cannot find with an error, and a sweep started before capi saved views has none."""
     exp = mlflow_client(uri).get_experiment_by_name(experiment)
     path = f"/#/experiments/{exp.experiment_id}/runs" if exp is not None else "/"
-    return f"{server.rstrip('/')}{path}?workflowType=machine_learning"
+    query = {"workflowType": "machine_learning"}
+    if sweep and exp is not None and VIEW_TAG_PREFIX + sweep_view_key(sweep) in exp.tags:
+        query[VIEW_KEY_PARAM] = sweep_view_key(sweep)
+    return f"{server.rstrip('/')}{path}?{urlencode(query)}"
 
 
 def _user() -> str:
@@ -408,7 +421,46 @@ def open_sweep_run(spec: SweepSpec, uri: str, source_text: str | None) -> SweepS
     client.log_batch(run_id, params=_params({"search.algorithm": spec.search.algorithm,
                                              "search.metric": spec.search.metric, "search.mode": spec.search.mode,
                                              "scheduler": spec.scheduler.type, "trials": spec.num_trials()}))
+    # A view the store refuses (a tag holds 20,000 characters: a search space of hundreds of paths) costs
+    # only the columns: the link then opens MLflow's default ones.
+    best_effort(lambda: save_sweep_view(client, run.info.experiment_id, spec), "MLflow view of the runs table")
     return SweepState(name=spec.name, tracking_uri=uri, experiment=experiment, parent_run_id=run_id, source=source)
+
+
+def sweep_view_key(name: str) -> str:
+    """The key of a sweep's saved view of the runs table: one per sweep, so that sweeps sharing an
+    experiment keep their own columns."""
+    return f"capi-{name}"
+
+
+def sweep_view(spec: SweepSpec) -> dict[str, Any]:
+    """How a sweep's runs table is read: the sweep's metric and the probe's scores (trained, random
+    init, gain), then the swept params, as columns in that order (the UI's default sorts each group
+    by name) and wide enough for their names; the trials sorted by the metric, best first.
+
+    Column keys are spelled as MLflow's UI spells them (``metrics.`probe/knn_gain```,
+    ``params.`optim.ema_final```; trials log their config under the search space's dotted paths): the
+    UI shows no column for a key spelled otherwise. They replace the UI's default columns (source,
+    models, dataset), which are the same for every trial of a sweep."""
+    metrics = dict.fromkeys([spec.search.metric, *PROBE_METRICS])  # the metric first, once
+    names = [("metrics", m) for m in metrics] + [("params", p) for p in spec.search_space]
+    columns = [f"{kind}.`{name}`" for kind, name in names]
+    return {"orderByKey": columns[0], "orderByAsc": spec.search.mode == "min", "selectedColumns": columns,
+            "columnOrder": columns,
+            "columnWidths": {c: max(100, 8 * len(name) + 32) for c, (_, name) in zip(columns, names)}}
+
+
+def save_sweep_view(client, experiment_id: str, spec: SweepSpec) -> None:
+    """Save ``sweep_view`` as a named view of the experiment's runs table (the UI's "Views" menu), so that
+    the address ``runs_page`` prints opens the trials with their scores shown instead of MLflow's
+    default columns, where each metric had to be picked by hand.
+
+    The tag holds what MLflow 3.17's own "Save view" writes: ``{name, createdAt, updatedAt, state}`` with
+    ``state`` the view as JSON text (the UI reads it plain as well as deflated)."""
+    now = int(time.time() * 1000)
+    envelope = {"name": f"capi sweep {spec.name}", "createdAt": now, "updatedAt": now,
+                "state": json.dumps(sweep_view(spec))}
+    client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + sweep_view_key(spec.name), json.dumps(envelope))
 
 
 def _params(values: dict[str, Any]) -> list:

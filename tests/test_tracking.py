@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -13,12 +14,17 @@ from capi_core import checkpoint as ckpt
 from capi_core.config import build_config
 from conftest import free_port
 from orchestrator.cli import main
+from orchestrator.cli.sweep import _finish
+from orchestrator.sweep.spec import SweepSpec
+from orchestrator.sweep.storage import SweepOutcome
 from orchestrator.tracking import (
     REDACTED,
     RUN_ID_KEY,
+    VIEW_TAG_PREFIX,
     TrackingError,
     check_reachable,
     config_params,
+    open_sweep_run,
     redact,
     redact_nested,
     resolve_uri,
@@ -136,3 +142,29 @@ def test_standalone_run_is_tracked_and_resumed_into_the_same_run(mlflow_server, 
     child = c.get_run(trainer.metadata[RUN_ID_KEY])
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.tags["sweep.token"] == REDACTED
+
+
+def test_a_sweep_link_opens_the_runs_table_with_its_scores_and_swept_params(mlflow_server, tmp_path, capsys):
+    # The saved view MLflow 3.17's UI reads (bundle: experiment tag mlflow.sharedViewState.<key>, an envelope
+    # {name, createdAt, state: JSON text}, opened by ?viewStateShareKey=<key>), so that the printed address
+    # shows the trials' scores without picking columns by hand.
+    spec = SweepSpec.model_validate({
+        "name": "view", "base": {"preset": "cpu-tiny"}, "search": {"algorithm": "grid", "metric": "probe/knn_top1"},
+        "search_space": {"optim.ema_final": {"grid": [0.994, 1.0]}, "model.registers": {"grid": [0, 4]}},
+        "mlflow": {"tracking_uri": mlflow_server, "experiment": "sweep-view"}})
+    state = open_sweep_run(spec, mlflow_server, None)
+    experiment = client(mlflow_server).get_experiment_by_name("sweep-view")
+    envelope = json.loads(experiment.tags[f"{VIEW_TAG_PREFIX}capi-view"])
+    assert envelope["name"] == "capi sweep view" and isinstance(envelope["createdAt"], int)
+    view = json.loads(envelope["state"])
+    columns = ["metrics.`probe/knn_top1`", "metrics.`probe/knn_random_init`", "metrics.`probe/knn_gain`",
+               "params.`optim.ema_final`", "params.`model.registers`"]
+    assert view["selectedColumns"] == view["columnOrder"] == columns and set(view["columnWidths"]) == set(columns)
+    assert view["orderByKey"] == "metrics.`probe/knn_top1`" and view["orderByAsc"] is False  # mode max: best first
+    # The trials log their config as params under the search space's paths: the columns name real params.
+    assert {"optim.ema_final", "model.registers"} <= set(config_params(spec.base_config))
+
+    _finish(SweepOutcome(name="view", path=tmp_path, state=state, metric="probe/knn_top1", mode="max"), False)
+    link = re.search(r"MLflow: open (\S+)", capsys.readouterr().out).group(1)
+    assert link.endswith(f"/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+                         "&viewStateShareKey=capi-view")

@@ -295,7 +295,7 @@ def _finish(outcome, do_export: bool) -> None:
             click.secho(f"not exported: {err}", fg="yellow", err=True)
     uri = safe_uri(state.tracking_uri)  # the state keeps any user:password; the log must not
     server = uri if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-    page = best_effort(lambda: runs_page(state.tracking_uri, server, state.experiment)) or server
+    page = best_effort(lambda: runs_page(state.tracking_uri, server, state.experiment, state.name)) or server
     if server != uri:
         click.echo(f"MLflow: .venv/bin/mlflow ui --backend-store-uri {uri}   (or `mlflow ui ...` in the activated venv)")
     click.echo(f"MLflow: open {page}   (experiment {state.experiment}, parent run {state.parent_run_id})")
