@@ -41,8 +41,10 @@ def _refuse_coercion(annotation: Any, value: Any) -> Any:
     kinds = get_args(annotation) if get_origin(annotation) is not tuple else (annotation,)
     kinds = kinds or (annotation,)
     if bool in kinds:
-        if not isinstance(value, bool):
-            raise ValueError(f"expected true or false, got {value!r}")
+        words = [w for kind in kinds if get_origin(kind) is Literal for w in get_args(kind)]  # e.g. "auto"
+        if not isinstance(value, bool) and value not in words:
+            also = f" (or {', '.join(map(repr, words))})" if words else ""
+            raise ValueError(f"expected true or false{also}, got {value!r}")
     elif (int in kinds or float in kinds) and isinstance(value, bool):
         raise ValueError(f"expected a number, got the boolean {value!r} (YAML reads yes, no, on and off as "
                          "booleans)")
@@ -236,7 +238,10 @@ class RunConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 autocast on CUDA; on a CPU, whichever of bf16 and fp32 a short timing of the step's own shapes finds faster (capi_core.precision, cached per machine)"
     )
-    compile: bool = False
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the step's forward (teacher, heads, Sinkhorn-Knopp, student, losses); "
+        "auto: on for CPU runs of at least capi_core.compile.AUTO_MIN_STEPS steps, where the faster step repays "
+        "the compile time (measured), off otherwise and on CUDA (set it yourself there)")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = Field(2, ge=1)

@@ -42,7 +42,7 @@ class ProgressBar(Callback):
                                  transient=False, disable=not sys.stderr.isatty())
         self.progress.start()
         self.task = self.progress.add_task("train", total=self.total_steps, completed=trainer.step, info="")
-        click.echo(f"precision: {trainer.precision.describe()}", err=True)
+        click.echo(f"precision: {trainer.precision.describe()}; compile: {trainer.compile.describe()}", err=True)
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if not trainer.is_main:
@@ -62,7 +62,7 @@ class LogLines(Callback):
 
     def on_start(self, trainer: Trainer) -> None:
         if trainer.is_main:
-            say(f"precision: {trainer.precision.describe()}")
+            say(f"precision: {trainer.precision.describe()}; compile: {trainer.compile.describe()}")
         if trainer.is_main and trainer.step:
             say(f"resumed at step {trainer.step}/{trainer.config.optim.steps}")
 

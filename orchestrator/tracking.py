@@ -200,6 +200,7 @@ def system_tags(trainer: Trainer) -> dict[str, str]:
         "sys.host": platform.node(),
         "sys.threads_per_worker": str(torch.get_num_threads()),
         "capi.precision": trainer.precision.describe(),
+        "capi.compile": trainer.compile.describe(),
         "sys.python": platform.python_version(),
         **{f"sys.{p}": _version(p) for p in ("torch", "timm", "ray", "mlflow")},
     }
