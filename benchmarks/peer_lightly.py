@@ -49,6 +49,9 @@ What differs (lightly 1.6.0):
   student (encoder, predictor and head).
 - Masks: lightly draws them in a Python loop over the images; ours batched.
 - Lightly has no gradient accumulation: it takes the whole batch where ours takes micro-batches.
+- Compilation: our trainer compiles its forward for runs long enough to repay it (``run.compile=auto``,
+  on for the cpu-demo preset's length: ``capi_core.compilation``), so our step is timed as a user
+  gets it; lightly's example runs eagerly. ``run.compile=false`` times ours eager as well.
 
 Model GFLOP/step (torch's FlopCounterMode over one whole step, teacher + student forward + backward)
 shows whether the two do the same work. It is counted with SDPA forced to its math backend, because
@@ -226,6 +229,7 @@ def compare(preset: str = "cpu-demo", batch: int = 256, steps: int = 5, warmup: 
               **{name: _trainable(peer) for name in sides if name != "ours"}}
     result = {"preset": preset, "batch": batch, "steps": steps, "warmup": warmup, "device": str(device),
               "threads": torch.get_num_threads(), "precision": "bf16" if trainer.autocast_dtype else "fp32",
+              "compile": trainer.compile.describe(),
               "tokens_per_image": m.num_patches, "visible_tokens": n_vis, "predicted_tokens": n_pred}
     for name in sides:
         step_s = statistics.median(times[name])
@@ -252,7 +256,7 @@ def main() -> None:
         sys.exit(str(err))
     print(f"{r['preset']}, batch {r['batch']}, {r['precision']}, {r['device']}, {r['threads']} threads; tokens: "
           f"{r['tokens_per_image']} per image, {r['visible_tokens']} visible, {r['predicted_tokens']} predicted; "
-          f"median of {r['steps']} steps after {r['warmup']} warm-up")
+          f"median of {r['steps']} steps after {r['warmup']} warm-up; our step's compile: {r['compile']}")
     print(f"{'step':15} {'img/s':>9} {'ms/step':>9} {'GFLOP/step':>11} {'params':>10}")
     for name in ("ours", *(k for k in r if k.startswith("lightly_") and k != "lightly_precision")):
         s = r[name]
