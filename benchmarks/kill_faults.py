@@ -9,11 +9,13 @@ their real names, plus hidden temporaries. Each kill is followed by these checks
   weights);
 - import: every visible ``*.parquet`` reads as Parquet, and a manifest, if there is one, verifies
   (``verify_dataset``: checksums, counts, labels);
-- sweep: ``capi_sweep.json`` and ``sweep.json``, if present, parse, and every trial checkpoint loads.
+- sweep: ``capi_sweep.json``, ``sweep.json`` and Tune's ``experiment_state-*.json``, if present, parse
+  (Tune restarts the whole sweep from a damaged state), and every trial checkpoint loads.
 
-The next launch of the same command (``capi sweep resume`` for a sweep) starts from that state, so
-the kills chain; a launch that exits non-zero by itself is a failure. At the end the command runs
-uninterrupted and must exit 0 with a complete result.
+The next launch of the same command starts from that state, so the kills chain; for a sweep that is
+``capi sweep resume`` once the sweep is saved (``capi sweep run`` refuses an existing sweep and says
+so), and ``capi sweep run`` again before. A launch that exits non-zero by itself is a failure. At the
+end the command runs uninterrupted and must exit 0 with a complete result.
 
     python benchmarks/kill_faults.py --count 20            # train and import, 20 kills each
     python benchmarks/kill_faults.py --only sweep --count 20   # the sweep (local Ray: minutes per kill)
@@ -40,6 +42,7 @@ from PIL import Image
 
 from capi_core.checkpoint import load_checkpoint
 from capi_core.data.format import MANIFEST, verify_dataset
+from orchestrator.sweep.storage import STATE_FILE, sweep_dir
 
 CLI = [sys.executable, "-m", "orchestrator.cli"]
 
@@ -98,7 +101,7 @@ def check_import(out: Path) -> list[str]:
 
 def check_sweep(storage: Path) -> list[str]:
     problems = []
-    for name in ("capi_sweep.json", "sweep.json"):
+    for name in ("capi_sweep.json", "sweep.json", "experiment_state-*.json"):
         for path in storage.glob(f"*/{name}"):
             try:
                 json.loads(path.read_text())
@@ -117,6 +120,7 @@ def scenario(name: str, work: Path, count: int, seed: int) -> dict:
     work.mkdir(parents=True)
     folder = image_folder(work / "images")
     dataset = work / "dataset"
+    saved = None  # a sweep's mark of having been saved, which makes `capi sweep resume` its re-run
     if name != "import":
         code, out, _ = run(["data", "import", "imagefolder", str(folder), "--out", str(dataset), "--workers", "1"],
                            work, None)
@@ -140,6 +144,7 @@ def scenario(name: str, work: Path, count: int, seed: int) -> dict:
             "mlflow": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}"}}))
         argv, again, target, check = ["sweep", "run", str(sweep), "--no-export"], \
             ["sweep", "resume", "kill", "--storage", str(work / "sweeps"), "--no-export"], work / "sweeps", check_sweep
+        saved = sweep_dir(work / "sweeps", "kill") / STATE_FILE
     start = time.monotonic()
     code, out, _ = run(argv, work, None)  # one clean run: how long the command takes here
     assert code == 0, out
@@ -153,7 +158,7 @@ def scenario(name: str, work: Path, count: int, seed: int) -> dict:
         if killed:
             kills += 1
             findings += check(target)
-            command = again
+            command = argv if saved is not None and not saved.exists() else again
         elif code != 0:
             failures += 1
             findings.append(f"a re-run exited {code}: {out[-800:]}")
@@ -161,10 +166,13 @@ def scenario(name: str, work: Path, count: int, seed: int) -> dict:
         else:  # finished before the kill: start over, so that the next kill lands mid-run
             shutil.rmtree(target)
             command = argv
-    code, out, _ = run(again if command is again else argv, work, None)
-    finished = code == 0 and not check(target)
-    return {"scenario": name, "kills": kills, "rerun_failures": failures, "findings": findings,
-            "finished_after": finished, "clean_run_s": round(duration, 1)}
+    code, out, _ = run(command, work, None)
+    damaged = check(target)
+    result = {"scenario": name, "kills": kills, "rerun_failures": failures, "findings": findings,
+              "finished_after": code == 0 and not damaged, "clean_run_s": round(duration, 1)}
+    if not result["finished_after"]:  # what the last, uninterrupted run said
+        result["final_run"] = {"exit_code": code, "damaged": damaged, "output": out[-1500:]}
+    return result
 
 
 def main() -> None:

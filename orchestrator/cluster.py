@@ -3,22 +3,48 @@
 A local Ray gets its dashboard on loopback (its Jobs API runs any code) and ``LOCAL_RAY_ENV``'s
 switches; a joined cluster gets this project's packages shipped as ``py_modules``, so that its
 workers run the same ``capi_core`` and ``orchestrator`` as the driver, whatever they have installed.
+Before joining, the address must answer within ``CONNECT_TIMEOUT_S`` (``check_address``), and a
+cluster that cannot be joined is a ``ClusterError`` that names the address.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from urllib.parse import urlsplit
 
 import ray
 
 import capi_core
 import orchestrator
+from capi_core.errors import CapiError
 
 # Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
 # process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
 LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read by Ray's State and Jobs clients before they auto-detect
+# How long a cluster's address may take to accept a TCP connection, and then to answer the start of an
+# HTTP/2 connection (the Ray Client server and the GCS both speak gRPC): seconds for any live head node,
+# even across regions, so a longer silence means a wrong, firewalled or wedged address.
+CONNECT_TIMEOUT_S = 10.0
+# A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4): a gRPC server answers
+# with its own SETTINGS frame, a TLS server with an alert or by closing; a wedged one says nothing.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+class ClusterError(CapiError, RuntimeError):
+    """The Ray cluster at an address cannot be joined (nothing listens, no answer in time, Ray refused);
+    the message names the address."""
+
+    hint = ("check --address (ray://HEAD:10001 for Ray Client, HEAD:6379 for the head's GCS, or auto for a "
+            "cluster started on this machine) and that the cluster is up (`ray status` on the head)")
+
+
+class AddressError(CapiError, ValueError):
+    """An address of the wrong kind (a dashboard's where a cluster's is needed, or the reverse): a bad
+    value, exit code 2; the message says which kind the command takes."""
+
+    exit_code = 2
 
 
 def init_local_ray(**options) -> None:
@@ -58,6 +84,57 @@ def free_port() -> int:
 
 def join_cluster(address: str, **options) -> None:
     """Connect to the Ray cluster at ``address`` (``auto``, ``ray://HOST:PORT`` or a GCS address),
-    shipping ``capi_core`` and ``orchestrator`` to its workers; ``options`` go to ``ray.init``."""
+    shipping ``capi_core`` and ``orchestrator`` to its workers; ``options`` go to ``ray.init``.
+
+    ``check_address`` first, because ``ray.init`` takes no time limit: against a loopback port where
+    nothing listens, or one that never answers, Ray 2.60 gave up on ``ray://`` after 30 s with
+    "ray client connection timeout" (no address named) and had not returned from a GCS address after
+    5 minutes. Its own knobs (``RAY_CLIENT_*_CONNECTION_TIMEOUT_S``, ``RAY_NUM_REDIS_GET_RETRIES``)
+    are environment variables read when Ray is imported, not per call. What the check cannot see is
+    a server that answers the HTTP/2 handshake and then never answers Ray's first request (Ray
+    pings a ``ray://`` server without a deadline).
+    """
+    check_address(address)
     modules = [os.path.dirname(capi_core.__file__), os.path.dirname(orchestrator.__file__)]
-    ray.init(address=address, runtime_env={"py_modules": modules}, **options)
+    try:
+        ray.init(address=address, runtime_env={"py_modules": modules}, **options)
+    except ConnectionError as err:  # Ray's "ray client connection timeout", "could not find any running Ray"
+        raise ClusterError(f"could not join the Ray cluster at {address}: {err}") from None
+
+
+def check_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise ClusterError unless the Ray address ``address`` accepts a TCP connection and answers the
+    start of an HTTP/2 connection, each within ``timeout`` seconds. ``auto`` (and no address) is Ray's
+    own search of this machine, unless RAY_ADDRESS names the cluster, which is then checked."""
+    if address in (None, "auto"):
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address in (None, "auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise AddressError(f"{address} is a web address (a dashboard's, for `capi sweep submit`); joining a "
+                           f"cluster takes ray://HEAD:10001 or the head's GCS address HEAD:6379")
+    try:
+        parts = urlsplit(address if "://" in address else "//" + address)
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        return  # not HOST:PORT: Ray's own parsing names the problem
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except TimeoutError:
+        raise ClusterError(f"the Ray cluster at {address} did not accept a connection within {timeout:g} s "
+                           f"(a wrong or firewalled address?)") from None
+    except ConnectionRefusedError:
+        raise ClusterError(f"nothing listens at {address} (connection refused): no Ray cluster there") from None
+    except OSError as err:  # an unknown host, an unreachable network
+        raise ClusterError(f"the Ray cluster at {address} is not reachable ({err.strerror or err})") from None
+    with sock:
+        try:
+            sock.sendall(HTTP2_PREFACE)
+            sock.recv(1)  # bytes or a closed connection: something answered
+        except TimeoutError:
+            raise ClusterError(f"the Ray cluster at {address} accepted a connection but did not answer within "
+                               f"{timeout:g} s (not a Ray port, or a wedged head node?)") from None
+        except OSError:
+            pass  # reset: something answered, if not as Ray would; ray.init says what

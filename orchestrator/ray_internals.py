@@ -1,12 +1,13 @@
 """Every use of Ray's private API, in one place, with the Ray release it was checked against.
 
-Four things this project needs have no public Ray API: how often Train's controller takes a report
+Five things this project needs have no public Ray API: how often Train's controller takes a report
 (``RayReport`` paces its reports by it), the logger under which Train logs every report (too chatty
 for the console), the file in which Train records a run's checkpoints (it tells a Ray run from a
-standalone one) and the queue through which Tune's ``TuneReportCallback`` hands reports to Tune
-(PBT trials redirect it to a queue of their own). Ray may change any of them in any release, so
-``tests/test_ray_internals.py`` checks ``RAY_VERSION`` and every name in ``PRIVATE_NAMES``: when it
-fails, re-check each use below against the new Ray, then update both.
+standalone one), the queue through which Tune's ``TuneReportCallback`` hands reports to Tune
+(PBT trials redirect it to a queue of their own) and the one method through which the Jobs client
+sends its HTTP requests (``orchestrator.sweep.jobs`` gives them a time limit there). Ray may change
+any of them in any release, so ``tests/test_ray_internals.py`` checks ``RAY_VERSION`` and every name
+used here: when it fails, re-check each use below against the new Ray, then update both.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ PRIVATE_NAMES = {
     "ray.train.v2._internal.execution.context": ("logger",),
 }
 REPORT_QUEUE = "_training_actor_item_queue"  # TuneReportCallback's queue to Tune, set in its __init__
+# JobSubmissionClient's one HTTP call, whose extra keywords go to requests.request: jobs.BoundedJobClient
+# overrides it to add a timeout. Named here, not imported: ray.job_submission takes seconds to import.
+JOB_REQUEST = "_do_request"
 
 # Ray Train's record of a run's reported checkpoints, in the run's storage directory.
 SNAPSHOT = train_constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME

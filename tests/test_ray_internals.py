@@ -11,9 +11,11 @@ import inspect
 import logging
 
 import ray
+from ray.job_submission import JobSubmissionClient
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from orchestrator import ray_internals
+from orchestrator.sweep import jobs
 
 
 def test_ray_is_the_release_the_private_uses_were_checked_against():
@@ -42,3 +44,12 @@ def test_redirected_reports_go_to_our_queue():
     ray_internals.report_queue(callback).put({"step": 1})
     assert sink == [{"step": 1}]
     assert ray_internals.report_poll_interval_s() > 0
+
+
+def test_the_jobs_client_still_sends_every_request_through_the_method_we_bound():
+    method = getattr(JobSubmissionClient, ray_internals.JOB_REQUEST)
+    assert "**kwargs" in inspect.getsource(method) and "requests.request(" in inspect.getsource(method)
+    assert ray_internals.JOB_REQUEST in vars(jobs.BoundedJobClient)  # the override is the pinned name
+    # get_job_status asks get_job_info
+    for public in (JobSubmissionClient.submit_job, JobSubmissionClient.get_job_info, JobSubmissionClient.stop_job):
+        assert f"self.{ray_internals.JOB_REQUEST}(" in inspect.getsource(public), public.__qualname__

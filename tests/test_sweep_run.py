@@ -29,11 +29,12 @@ from orchestrator.sweep import jobs
 from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_probe_step, probe_evals
 from orchestrator.ray_internals import SNAPSHOT
-from orchestrator.sweep.storage import NOTES_FILE, PROBE_EVALS, sweep_dir
+from orchestrator.sweep.spec import load_sweep
+from orchestrator.sweep.storage import NOTES_FILE, PROBE_EVALS, save_sweep_run, sweep_dir, trial_rows
 from orchestrator.train import STARTUP_FILE
 from orchestrator.sweep.trial import POINTER
 from orchestrator.sweep.tune import fitting_trials, param_space, portable, scheduler
-from orchestrator.tracking import EXPLOITS_TAG, RUN_ID_KEY, STOPPED_TAG, TRIAL_TAG
+from orchestrator.tracking import EXPLOITS_TAG, RUN_ID_KEY, STOPPED_TAG, TRIAL_TAG, open_sweep_run
 
 
 def sweep_file(tmp_path: Path, name: str, dataset: Path, uri: str, steps: int = 10, **sections) -> Path:
@@ -395,6 +396,28 @@ def test_killed_driver_resumes_and_every_trial_trains_once(ray_local, mlflow_ser
     assert parent.info.status == "FINISHED" and "best/probe/knn_top1" in parent.data.metrics
     status = CliRunner().invoke(main, ["sweep", "status", "resume", "--storage", str(tmp_path / "sweeps")])
     assert status.output.count("TERMINATED") == 3, status.output
+
+
+def test_a_sweep_killed_before_tune_saved_its_state_resumes_from_its_first_trial(ray_local, tiny_dataset, tmp_path):
+    # A driver killed after it saved the sweep (spec, MLflow parent run) but before Tune wrote anything
+    # (benchmarks/kill_faults.py --only sweep): `capi sweep run` refuses the existing sweep, so `capi
+    # sweep resume` must start the trials, under the same parent run.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    file = sweep_file(tmp_path, "early", tiny_dataset, uri, search_space={"loss.teacher_temp": {"grid": [0.05]}})
+    spec = load_sweep(file)
+    directory = sweep_dir(spec.storage, spec.name)
+    directory.mkdir(parents=True)
+    run_spec = portable(spec, directory)
+    save_sweep_run(directory, run_spec, open_sweep_run(spec, uri, file.read_text()), file)  # as run_sweep does
+    again = CliRunner().invoke(main, ["sweep", "run", str(file)])
+    assert again.exit_code != 0 and "capi sweep resume early" in again.output
+
+    result = CliRunner().invoke(main, ["sweep", "resume", "early", "--storage", str(tmp_path / "sweeps"),
+                                       "--no-export"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert [r.status for r in trial_rows(directory, run_spec)] == ["TERMINATED"]
+    parent, children = runs_of(mlflow_client(uri), "sweep-early")  # one parent run: the saved one
+    assert parent.info.status == "FINISHED" and [r.info.status for r in children] == ["FINISHED"]
 
 
 def test_a_killed_in_trial_process_resumes_from_its_checkpoint_into_the_same_mlflow_run(

@@ -142,12 +142,14 @@ def trial_run_name(sweep: str, trial_id: str) -> str:
 
 
 def save_sweep_run(directory: Path, spec: SweepSpec, state: SweepState, source: Path | None) -> None:
-    """Write what ``load_sweep_run`` reads back: the MLflow state, the validated spec and the sweep
-    file as written (``source``, if any)."""
-    state.save(directory)
+    """Write what ``load_sweep_run`` reads back: the validated spec, the sweep file as written
+    (``source``, if any) and the MLflow state. The state goes last: it marks a saved sweep (`capi sweep
+    run` refuses to start over one, `capi sweep resume` needs one), so a process killed in between
+    leaves a directory that the same `capi sweep run` starts again, never a state without its spec."""
     atomic_write_text(directory / SPEC_FILE, spec.model_dump_json(indent=1))
     if source is not None:
         shutil.copyfile(source, directory / YAML_FILE)
+    state.save(directory)
 
 
 def list_sweeps(storage: str | Path) -> list[str]:

@@ -269,24 +269,28 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
         run_spec = portable(spec, directory)
         state = track.open_sweep_run(spec, uri, source.read_text() if source else None)
         save_sweep_run(directory, run_spec, state, source)
-        max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
-        tuner = tune.Tuner(
-            trainable(run_spec, state),
-            param_space=param_space(spec),
-            tune_config=tune.TuneConfig(
-                metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
-                search_alg=searcher(spec, max_concurrent), scheduler=scheduler(spec),
-                time_budget_s=spec.budget.time_limit_s,
-                trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(spec)),
-            run_config=tune.RunConfig(
-                name=spec.name, storage_path=str(directory.parent), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
-                callbacks=[SweepProgress(run_spec, state, directory), *result_loggers()]),
-        )
-        return _fit(tuner, run_spec, state, directory, verbose)
+        return _fit(new_tuner(run_spec, state, directory), run_spec, state, directory, verbose)
     finally:
         if started:
             ray.shutdown()
+
+
+def new_tuner(spec: SweepSpec, state: SweepState, directory: Path) -> tune.Tuner:
+    """A Tuner for the saved sweep ``spec`` (local paths absolute) in ``directory``, tracked under ``state``."""
+    max_concurrent = spec.budget.max_concurrent_trials or fitting_trials(spec, ray.cluster_resources())
+    return tune.Tuner(
+        trainable(spec, state),
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.search.metric, mode=spec.search.mode, num_samples=spec.repeats(),
+            search_alg=searcher(spec, max_concurrent), scheduler=scheduler(spec),
+            time_budget_s=spec.budget.time_limit_s,
+            trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(spec)),
+        run_config=tune.RunConfig(
+            name=spec.name, storage_path=str(directory.parent), verbose=0,
+            failure_config=tune.FailureConfig(max_failures=spec.failure.max_failures),
+            callbacks=[SweepProgress(spec, state, directory), *result_loggers()]),
+    )
 
 
 def resume_sweep(storage: str | Path, name: str, address: str | None = None,
@@ -294,15 +298,15 @@ def resume_sweep(storage: str | Path, name: str, address: str | None = None,
     """Continue an interrupted sweep: unfinished and errored trials run on from their checkpoints,
     finished ones are kept. Tune's restore unpickles its state: only our own storage is read."""
     spec, state, directory = load_sweep_run(storage, name)
-    if not tune.Tuner.can_restore(str(directory)):
-        raise SweepError(f"{directory} holds no Tune state to resume (the sweep stopped before its first "
-                         f"trial); remove it and run the sweep again")
     _reachable(state.tracking_uri)
     started = init_ray(spec, address, verbose)
     try:
         track.reopen_sweep_run(state)
-        tuner = tune.Tuner.restore(str(directory), trainable(spec, state),
-                                   resume_unfinished=True, resume_errored=True)
+        if tune.Tuner.can_restore(str(directory)):
+            tuner = tune.Tuner.restore(str(directory), trainable(spec, state),
+                                       resume_unfinished=True, resume_errored=True)
+        else:  # stopped after saving the sweep, before Tune saved anything: no trial ran, so start them now
+            tuner = new_tuner(spec, state, directory)
         return _fit(tuner, spec, state, directory, verbose)
     finally:
         if started:
