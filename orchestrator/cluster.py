@@ -19,9 +19,17 @@ import capi_core
 import orchestrator
 from capi_core.errors import CapiError
 
-# Cluster-only Ray Train helpers that a local Ray (one machine, never drained) does not need. Each Ray
-# process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # it polls for node drains
+# Switches for a local Ray, set in this process before it starts Ray so that Ray's processes inherit them.
+LOCAL_RAY_ENV = {
+    # A cluster-only Ray Train helper that polls for node drains; a local Ray is never drained. Each Ray
+    # process wakes 100 times a second, about 1 % of a core on a small VM (benchmarks/ray_overhead.py).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # By default the raylet answers the first driver only once the workers it prestarts for it have
+    # registered; one that misses the 60 s registration limit (a starved CPU: seen here, a 2-core VM
+    # running another sweep) is given up on and ray.init never returns (Ray issue 40131). Without the
+    # wait, workers start when a trial needs one, and a worker that cannot start is an error, not a hang.
+    "RAY_prestart_worker_first_driver": "0",
+}
 API_SERVER_VARIABLE = "RAY_API_SERVER_ADDRESS"  # read by Ray's State and Jobs clients before they auto-detect
 # How long a cluster's address may take to accept a TCP connection, and then to answer the start of an
 # HTTP/2 connection (the Ray Client server and the GCS both speak gRPC): seconds for any live head node,
