@@ -386,7 +386,6 @@ class TrainBatches(torch.utils.data.Dataset):
             return EncodedBatch.pack(blobs, boxes, flips, labels)
         return crop_batch(blobs, boxes, flips, self.img_size, self.manifest.channels), torch.from_numpy(labels)
 
-
     def _from_memory(self, epochs: np.ndarray, index: np.ndarray) -> tuple[Tensor, Tensor]:
         """The batch of samples ``index`` [B] cut from the decoded split: the same boxes and flips as from
         the encoded images, all resized in one batched product."""
