@@ -80,6 +80,19 @@ def test_final_table_fits_80_columns_and_names_trials_distinctly(capsys):
     assert "best (*): trial 1 (ema_final=0.994 registers=4 teacher_temp=0.04123)" in out
 
 
+def test_final_table_keeps_parameter_names_whole_when_they_fit(capsys):
+    # The quickstart's table once printed "warmup_fracti" over "on": rich folded the header to share
+    # 80 columns that the cells did not need.
+    rows = [TrialRow(trial_id=f"a_{i}", status="TERMINATED", number=i + 1, probe_evals=2, step=2000, metric=m, last=m,
+                     gain=m, params={"optim.warmup_fraction": w, "optim.ema_final": 0.994})
+            for i, (m, w) in enumerate([(8.65, 0.3), (8.13, 0.1)])]
+    sweep_cli._print_trials("probe/knn_gain", "max", ["optim.ema_final", "optim.warmup_fraction"], rows, None)
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if "trial" in line and "status" in line)
+    assert header.split() == ["trial", "status", "ema_final", "warmup_fraction", "best", "knn_gain", "probes", "step"]
+    assert max(len(line) for line in lines[:lines.index(header) + 4]) <= 80
+
+
 def test_status_of_an_unknown_sweep_lists_the_existing_ones(tmp_path):
     for name in ("alpha", "beta"):
         (tmp_path / name).mkdir()

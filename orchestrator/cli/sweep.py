@@ -233,16 +233,20 @@ def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | 
     best = best_trial(rows, mode)
     names = short_names(params)
     gain = metric != "probe/knn_gain"  # else the gain is the metric itself
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
-    for header in ("trial", "status", *names.values(), f"best {metric.rsplit('/', 1)[-1]}",
-                   *(["gain"] if gain else []), "probes", "step"):
-        table.add_column(header, overflow="fold")
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
+    headers = ("trial", "status", *names.values(), f"best {metric.rsplit('/', 1)[-1]}", *(["gain"] if gain else []),
+               "probes", "step")
+    # Headers stay whole when they all fit (2 columns between cells); else every column folds to fit,
+    # which loses no column.
+    whole = sum(len(h) + 2 for h in headers) <= console.width
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for header in headers:
+        table.add_column(header, overflow="fold", min_width=len(header) if whole else None)
     for r in rows:
         style = "bold green" if best is not None and r.trial_id == best.trial_id else None
         table.add_row(r.label + ("*" if style else ""), r.status, *[show_value(r.params.get(p, "")) for p in params],
                       _num(r.metric), *([_signed(r.gain)] if gain else []), str(r.probe_evals), str(r.step or ""),
                       style=style)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else TABLE_WIDTH)
     console.print(table)
     for r in rows:
         if r.stop_reason:
