@@ -129,3 +129,26 @@ def test_sweep_efficiency_sums_training_and_splits_start_up(tmp_path):
     # Each trained from its first step's start (start + 8) to its last log (start + 18): 10 s.
     assert result["train_sum_s"] == pytest.approx(20.0) and result["efficiency"] == pytest.approx(20 / 50)
     assert result["trial_steps"] == {"a_00000": 10, "a_00001": 10}
+
+
+def test_matmul_shapes_account_for_every_product_flop_counter_sees():
+    """train_step.py's "mm ceiling" times each matrix product of a step alone: the products it records
+    must carry exactly the FLOPs torch's counter finds in them (linear with and without bias, batched
+    attention-like products, forward and backward)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train_step import MatmulShapes, matmul_alone
+
+    torch.manual_seed(0)
+    lin, head = torch.nn.Linear(16, 24), torch.nn.Linear(24, 8, bias=False)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    with FlopCounterMode(display=False) as counter, MatmulShapes() as shapes:
+        h = lin(x)
+        scores = h @ h.transpose(1, 2)  # [3, 5, 5]: a batched product
+        (head(scores @ h)).sum().backward()
+    counted = sum(n for op, n in counter.get_flop_counts()["Global"].items()
+                  if op.__name__.split(".")[0] in ("mm", "addmm", "bmm", "baddbmm"))
+    flops, seconds = matmul_alone(shapes.seen, torch.device("cpu"), repeats=1)
+    assert counted > 0 and flops == counted and seconds > 0
+    assert sum(shapes.seen.values()) >= 6  # 2 linears and 2 products forward, more backward
