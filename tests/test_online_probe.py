@@ -151,5 +151,5 @@ def test_the_quickstart_reports_its_paired_noise():
     from orchestrator.sweep.storage import noise_note
 
     note = noise_note(load_sweep("sweeps/quickstart.yaml"))
-    assert note is not None and "20,000 train / 10,000 test" in note
-    assert "differences below 0.9 points are noise" in note and "share their seed" in note
+    assert note is not None and "60,000 train / 10,000 test" in note
+    assert "differences below 1.0 points are noise" in note and "share their seed" in note
