@@ -27,8 +27,8 @@ from capi_core.data.reader import load_split
 from capi_core.eval.diagnostics import run_diagnostics
 from capi_core.eval.pictures import pyplot
 from orchestrator.sweep.spec import SweepSpec
-from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, noise_note,
-                                        trial_rows, trial_run_name)
+from orchestrator.sweep.storage import (TRIALS_DIR, SweepState, TrialRow, best_trial, load_sweep_run, sweep_noise,
+                                        told_apart, trial_rows, trial_run_name)
 from orchestrator.tracking import CHECKPOINT_TAG, TRIAL_TAG, child_runs, mlflow_client, safe_uri
 
 CURVE_METRICS = ("train/capi_loss",)  # plotted next to the sweep metric
@@ -294,7 +294,13 @@ def render(spec: SweepSpec, state: SweepState, trials: list[TrialReport], pictur
                f"({e(json.dumps(best.params))})" if best else "no trial reported the metric yet")
     if best is not None and best.gain is not None:
         summary += f", {best.gain:+.1f} k-NN points over the same network at random init"
-    noise = noise_note(spec)
+    probe_noise = sweep_noise(spec)
+    noise = None if probe_noise is None else probe_noise.sentence()
+    split = told_apart([t.row for t in trials], spec.search.mode, spec.search.metric,
+                       None if probe_noise is None else probe_noise.threshold)
+    if noise and split is not None and (split[0] or split[1]):
+        noise += (f"; the best leads trial(s) {', '.join(r.label for r in split[0]) or 'none'} by more than that, "
+                  f"and trial(s) {', '.join(r.label for r in split[1]) or 'none'} are within it")
     missing = [t.row.trial_id for t in trials if t.high_norm is None]
     # Embedded, not linked: MLflow's artifact viewer shows index.html alone, where relative links break.
     figures = "\n".join(f'<figure><img src="{data_uri(p)}" alt="{e(p.stem)}" title="{e(p.name)}"></figure>'

@@ -93,6 +93,27 @@ def test_final_table_keeps_parameter_names_whole_when_they_fit(capsys):
     assert max(len(line) for line in lines[:lines.index(header) + 4]) <= 80
 
 
+def test_the_table_says_which_trials_the_best_is_told_apart_from(capsys):
+    from orchestrator.sweep.storage import told_apart
+
+    rows = [TrialRow(trial_id=f"b_{i}", status="TERMINATED", number=i + 1, probe_evals=1, step=2000, metric=m,
+                     last=m, gain=m, params={"clustering.num_clusters": k})
+            for i, (m, k) in enumerate([(7.5, 16), (7.6, 64), (8.4, 256), (9.0, 1024)])]
+    apart, within = told_apart(rows, "max", "probe/knn_gain", 1.0)
+    assert [r.label for r in apart] == ["1", "2"] and [r.label for r in within] == ["3"]
+    assert told_apart(rows, "max", "train/capi_loss", 1.0) is None  # not in k-NN points
+    assert told_apart(rows, "max", "probe/knn_gain", None) is None
+    sweep_cli._print_trials("probe/knn_gain", "max", ["clustering.num_clusters"], rows, None, 1.0)
+    def printed() -> str:  # the console wraps at 80 columns
+        return " ".join(capsys.readouterr().out.split())
+
+    assert "the best leads trial(s) 1, 2 by more than 1.0 points; trial(s) 3 within the noise of it" in printed()
+    sweep_cli._print_trials("probe/knn_gain", "max", ["clustering.num_clusters"], rows, None, 2.0)
+    assert "every other trial is within 2.0 points of the best" in printed()
+    sweep_cli._print_trials("probe/knn_gain", "max", ["clustering.num_clusters"], rows, None, 0.3)
+    assert "the best leads every other trial by more than 0.3 points" in printed()
+
+
 def test_status_of_an_unknown_sweep_lists_the_existing_ones(tmp_path):
     for name in ("alpha", "beta"):
         (tmp_path / name).mkdir()

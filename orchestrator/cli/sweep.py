@@ -160,12 +160,14 @@ def status(name: str, storage: Path | None) -> None:
     Reads the sweep's files only (no Ray, MLflow or torch is imported), so it answers in about a second.
     """
     # deferred: numpy and pyarrow
-    from orchestrator.sweep.storage import load_sweep_run, noise_note, trial_rows
+    from orchestrator.sweep.storage import load_sweep_run, sweep_noise, trial_rows
     from orchestrator.uris import safe_uri
 
     spec, state, directory = load_sweep_run(_storage(storage), name)
     rows = trial_rows(directory, spec)
-    _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows, noise_note(spec))
+    noise = sweep_noise(spec)
+    _print_trials(spec.search.metric, spec.search.mode, list(spec.search_space), rows,
+                  None if noise is None else noise.sentence(), None if noise is None else noise.threshold)
     click.echo(f"{len(rows)} of {spec.num_trials()} trials started; MLflow parent run {state.parent_run_id} "
                f"at {safe_uri(state.tracking_uri)}")
 
@@ -223,12 +225,14 @@ def submit(file: Path, address: str, project_dir: Path, follow: bool, insecure: 
 TABLE_WIDTH = 80  # the final table where the output is no terminal (logs, CI): the width people read
 
 
-def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | None = None) -> None:
+def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | None = None,
+                  threshold: float | None = None) -> None:
     """The trials as a table that fits 80 columns: each trial by its number in the sweep and its
-    swept values under short names; stop reasons and errors below it, where they have the width."""
+    swept values under short names; stop reasons and errors below it, where they have the width; then
+    which trials the best is told apart from, given the probe's noise ``threshold`` (k-NN points)."""
     # deferred: numpy and pyarrow
     from orchestrator.sweep.console import describe_values, short_names, show_value
-    from orchestrator.sweep.storage import best_trial
+    from orchestrator.sweep.storage import best_trial, told_apart
 
     best = best_trial(rows, mode)
     names = short_names(params)
@@ -260,6 +264,16 @@ def _print_trials(metric: str, mode: str, params: list[str], rows, noise: str | 
     console.print("gain: probe/knn_gain, the trial's k-NN minus the same network's at random init, same probe set")
     if noise:
         console.print(noise)
+    split = told_apart(rows, mode, metric, threshold)
+    if split is not None and (split[0] or split[1]):
+        apart, within = (", ".join(r.label for r in part) for part in split)
+        if not within:
+            console.print(f"told apart: the best leads every other trial by more than {threshold:.1f} points")
+        elif not apart:
+            console.print(f"not told apart: every other trial is within {threshold:.1f} points of the best")
+        else:
+            console.print(f"told apart: the best leads trial(s) {apart} by more than {threshold:.1f} points; "
+                          f"trial(s) {within} within the noise of it")
 
 
 def _signed(value) -> str:
@@ -277,7 +291,8 @@ def _finish(outcome, do_export: bool) -> None:
     from orchestrator.tracking import best_effort, child_run_id, runs_page, safe_uri
 
     spec_params = sorted({k for r in outcome.trials for k in r.params})
-    _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise)
+    _print_trials(outcome.metric, outcome.mode, spec_params, outcome.trials, outcome.noise,
+                  outcome.noise_threshold)
     state, best, out = outcome.state, outcome.best, outcome.path / "export"
     if outcome.unfinished:
         click.secho(f"{len(outcome.unfinished)} trial(s) unfinished (interrupted or out of time): continue with "

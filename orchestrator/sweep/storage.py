@@ -33,7 +33,7 @@ from capi_core.checkpoint_dirs import STATE, latest_checkpoint
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, resolve_dataset
 from capi_core.errors import CapiError
-from capi_core.eval.noise import probe_noise, trials_are_paired
+from capi_core.eval.noise import ProbeNoise, probe_noise, trials_are_paired
 from orchestrator.sweep.spec import SweepSpec
 
 PROBE_EVALS = "probe_evals"  # Tune time attribute: probe evaluations so far (scheduler units)
@@ -107,6 +107,7 @@ class SweepOutcome:
     mode: str
     trials: list[TrialRow] = field(default_factory=list)
     noise: str | None = None  # which probe set, and the difference below which scores are noise
+    noise_threshold: float | None = None  # that difference, in k-NN points
 
     @property
     def best(self) -> TrialRow | None:
@@ -123,6 +124,22 @@ def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
     if not scored:
         return None
     return (max if mode == "max" else min)(scored, key=lambda r: r.metric)
+
+
+# Metrics in k-NN points, the unit the probe's measured noise is in.
+POINT_METRICS = ("probe/knn_gain", "probe/knn_top1")
+
+
+def told_apart(rows: list[TrialRow], mode: str, metric: str, threshold: float | None
+               ) -> tuple[list[TrialRow], list[TrialRow]] | None:
+    """The scored trials other than the best, split into those the best leads by more than ``threshold``
+    and those within it; None where the metric is not in k-NN points or no threshold is known."""
+    best = best_trial(rows, mode)
+    if best is None or threshold is None or metric not in POINT_METRICS:
+        return None
+    others = [r for r in rows if r is not best and r.metric is not None and math.isfinite(r.metric)]
+    apart = [r for r in others if abs(best.metric - r.metric) > threshold]
+    return apart, [r for r in others if r not in apart]
 
 
 def sweep_dir(storage: str | Path, name: str) -> Path:
@@ -212,15 +229,22 @@ def final_metrics(run_dir: Path, config: TrainConfig) -> dict[str, Any] | None:
     return {"step": int(state["step"]), **state.get("metrics", {})}
 
 
-def noise_note(spec: SweepSpec) -> str | None:
-    """Which probe set the trials were scored on and the difference below which their scores are
-    noise, for the table's footer and the parent run; None if the dataset cannot be read here."""
+def sweep_noise(spec: SweepSpec) -> ProbeNoise | None:
+    """The noise of the sweep's probe set for its trials' comparisons; None if the dataset cannot be
+    read here."""
     cfg = spec.base_config
     try:
         return probe_noise(resolve_dataset(cfg.data.dataset, cfg.data.cache_dir), cfg.model.img_size,
-                           cfg.probe, paired=trials_are_paired(spec.search_space)).sentence()
+                           cfg.probe, paired=trials_are_paired(spec.search_space))
     except (DatasetError, OSError):
         return None
+
+
+def noise_note(spec: SweepSpec) -> str | None:
+    """Which probe set the trials were scored on and the difference below which their scores are
+    noise, for the table's footer and the parent run; None if the dataset cannot be read here."""
+    noise = sweep_noise(spec)
+    return None if noise is None else noise.sentence()
 
 
 def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:

@@ -32,8 +32,8 @@ from orchestrator.cluster import init_local_ray, join_cluster
 from orchestrator.sweep.console import SweepConsole, stop_reason
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, STATE_FILE, TRIALS_DIR, SweepError, SweepOutcome, SweepState,
-                                        load_sweep_run, load_trial_notes, noise_note, number_trials,
-                                        save_sweep_run, save_trial_notes, sweep_dir, trial_dirname, trial_rows)
+                                        load_sweep_run, load_trial_notes, number_trials, save_sweep_run,
+                                        save_trial_notes, sweep_dir, sweep_noise, trial_dirname, trial_rows)
 from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
 from orchestrator.train import TrainingError, absolute_paths, check_dataset
 
@@ -322,8 +322,11 @@ def _fit(tuner, spec: SweepSpec, state: SweepState, directory: Path, verbose: bo
                                                 "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
                                                 repr(err)))
         raise
+    noise = sweep_noise(spec)
     outcome = SweepOutcome(name=spec.name, path=directory, state=state, metric=spec.search.metric,
-                           mode=spec.search.mode, trials=trial_rows(directory, spec), noise=noise_note(spec))
+                           mode=spec.search.mode, trials=trial_rows(directory, spec),
+                           noise=None if noise is None else noise.sentence(),
+                           noise_threshold=None if noise is None else noise.threshold)
     track.best_effort(lambda: track.log_sweep_summary(outcome))
     return outcome
 
