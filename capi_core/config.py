@@ -303,8 +303,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # - K = 256 clusters instead of 16,384 (the paper's K equals its global batch; ours is 64). Over
     #   three seeds at 2,000 steps, scored with the whole train split as memory, 256 and 1,024 led 16
     #   and 64 by 0.8-1.3 points and tied with each other; 1,024 costs ~15 % more per step than 256 on
-    #   one core. The whole cpu-demo at 11,000 steps with 256 read 84.57 % k-NN against 84.27 % at
-    #   12,000 with 64 (docs/cpu_recipe.md);
+    #   one core. The whole cpu-demo (12,000 steps) read 84.58 % k-NN with 256 against 84.27 % with 64,
+    #   within the noise of two independent runs (docs/cpu_recipe.md);
     # - every masked patch is predicted (the paper predicts 5 %, its maintainers suggest 20 %): on 16
     #   tokens the predictor is cheap, and the recipe gained +9.3 with it against +8.0 without;
     # - batch 64: on 2 cores it trains as many images/s as 256, so a budget buys 4x the steps.
