@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.cli import sweep as sweep_cli
 from orchestrator.sweep.console import SweepConsole, clock, describe_values, short_names, stop_reason
-from orchestrator.sweep.storage import TrialRow, list_sweeps, number_trials
+from orchestrator.sweep.storage import TrialRow, list_sweeps, logged_step, number_trials
 
 
 class Clock:
@@ -43,6 +43,44 @@ def test_console_lines_eta_and_best_so_far():
     console.failed("a1_00001", "RuntimeError: boom")
     assert lines[-2].endswith("trial 2/3 failed: RuntimeError: boom") and "1 failed" in lines[-1]
     assert not any("\x1b[" in line for line in lines)
+
+
+def test_heartbeat_names_each_running_trials_step_and_the_eta_counts_steps():
+    lines, now = [], Clock()
+    console = SweepConsole(total=4, reports=1, metric="probe/knn_gain", mode="max", echo=lines.append, now=now,
+                           steps=2000)
+    console.started("q_00000", 1, {"clustering.num_clusters": 16})
+    console.started("q_00001", 2, {"clustering.num_clusters": 64})
+    now.t += 30
+    assert not console.heartbeat_due()  # a line 30 s ago
+    now.t += 30
+    assert console.heartbeat_due()
+    console.heartbeat({"q_00000": None, "q_00001": None})
+    assert lines[-1] == "[1:00] running: trial 1/4 starting, trial 2/4 starting"
+    assert not console.heartbeat_due()  # the heartbeat is a line too
+    now.t += 60
+    console.heartbeat({"q_00000": 800, "q_00001": 700})
+    # 1,500 steps in 120 s; 1,200 + 1,300 left of the running trials and 2 x 2,000 of those not started.
+    assert lines[-1] == "[2:00] running: trial 1/4 at step 800/2000, trial 2/4 at step 700/2000; ETA 8:40"
+    # One probe per trial, at its end: when the first trial ends the other is nearly done. Counting
+    # probes (1 done, 3 to go) said 13:30 here; counting steps, 4,100 left at 3,900 per 270 s.
+    now.t += 150
+    console.result("q_00000", 1, 2000, 8.3)
+    console.steps_reached({"q_00000": 2000, "q_00001": 1900})
+    console.ended("q_00000")
+    assert lines[-1].startswith("[4:30] 1/4 trials ended, 1 running, ETA 4:44; best so far: trial 1")
+    assert console.running() == ["q_00001"]
+
+
+def test_logged_step_reads_the_last_whole_line_of_a_trials_metrics(tmp_path):
+    run = tmp_path / "trials" / "quickstart-abc_00001"
+    run.mkdir(parents=True)
+    assert logged_step(tmp_path, "quickstart", "abc_00001") is None  # no file yet
+    lines = [f'{{"step": {s}, "time": 1.0, "capi_loss": 5.1234}}' for s in range(20, 4020, 20)]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 40')  # the writer mid-line
+    assert len(lines) * len(lines[0]) > 4096  # more than the tail that is read
+    assert logged_step(tmp_path, "quickstart", "abc_00001") == 4000
+    assert logged_step(tmp_path, "quickstart", "abc_00000") is None  # another trial's file is not read
 
 
 def test_stop_reasons_name_the_budget_or_the_scheduler():

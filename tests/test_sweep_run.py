@@ -26,6 +26,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.sweep import jobs
+from orchestrator.sweep import tune as sweep_tune
 from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_probe_step, probe_evals
 from orchestrator.ray_internals import SNAPSHOT
@@ -223,16 +224,19 @@ def test_a_local_ray_dashboard_requires_a_token(ray_local):
 
 # ------------------------------------------------------------------------------- end to end
 def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_local, mlflow_server, tiny_dataset,
-                                                                         tmp_path):
+                                                                         tmp_path, monkeypatch):
     # train/target_entropy grows with the teacher temperature, so the ranking is known: 0.5 is the
     # worst at the first rung (step 5) and ASHA stops it; the 0.03 trial must still start after that
     # stop. 30 steps leave the stop time to land before the stopped trial would have finished anyway.
     file = sweep_file(tmp_path, "e2e", tiny_dataset, mlflow_server, steps=30,
                       search={"algorithm": "grid", "metric": "train/target_entropy", "mode": "min"},
                       scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2})
+    monkeypatch.setattr(sweep_tune, "HEARTBEAT_S", 0.2)  # a line a minute in use; these trials last seconds
     result = CliRunner().invoke(main, ["sweep", "run", str(file)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "stopped early (ASHA rung at probe " in result.output
+    # The heartbeat reads each running trial's step from the metrics.jsonl its Train run writes.
+    assert re.search(r"\] running: trial \d/3 at step \d+/30", result.output), result.output
     assert "mlflow" in result.output.lower() and "parent run" in result.output
     assert re.search(r"\[\d+:\d\d\] trial 3/3 started: teacher_temp=0.03", result.output)
     # (Escape codes and Ray's lines are checked on a real driver's console in the resume test: here the

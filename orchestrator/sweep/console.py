@@ -70,6 +70,8 @@ class TrialView:
     state: str = "running"  # running, done, stopped, failed
     probes: int = 0
     best: float | None = None
+    steps: int = 0  # training steps of the whole trial (0: not known)
+    step: int = 0  # the last step it is known to have reached
 
 
 @dataclass
@@ -79,8 +81,15 @@ class SweepConsole:
     values. Plain lines read the same in a terminal, a log file and a CI page; ``echo`` drops colour
     where the output is no terminal.
 
-    The ETA assumes every remaining probe takes as long as the ones so far took on average (with
-    as many trials at once): it is an upper bound where a scheduler stops trials early.
+    While trials run, a line every ``heartbeat_s`` says which step each has reached (read from the
+    trials' own metric files by the caller): a trial probed only at its end is otherwise silent for
+    its whole run.
+
+    The ETA assumes the remaining training steps go at the pace of the steps so far (with as many
+    trials at once); where steps are not known, the remaining probes at the pace of the probes so far.
+    It is an upper bound where a scheduler stops trials early. Counting steps rather than probes
+    matters for a sweep probed once per trial: after the first of two concurrent trials ends, the
+    other is nearly done too, and the quickstart counted it as not begun ("ETA 14:51" for 5 minutes).
     """
 
     total: int  # trials in the sweep
@@ -89,24 +98,29 @@ class SweepConsole:
     mode: str
     echo: Callable[[str], None] = click.echo
     now: Callable[[], float] = time.monotonic
+    steps: int = 0  # training steps of a trial when its values do not say (0: not known)
+    heartbeat_s: float = 60.0
     trials: dict[str, TrialView] = field(default_factory=dict)
     names: dict[str, str] = field(default_factory=dict)  # field -> short name
 
     def __post_init__(self) -> None:
-        self.start = self.now()
+        self.start = self.last_said = self.now()
 
     # ------------------------------------------------------------------------------ events
-    def started(self, trial_id: str, number: int, values: dict[str, Any]) -> None:
+    def started(self, trial_id: str, number: int, values: dict[str, Any], steps: int | None = None) -> None:
+        """A trial's (re)start; ``steps``: its training steps where the sweep varies them."""
         if not self.names:
             self.names = short_names(list(values))
         known = self.trials.get(trial_id)
         self.trials[trial_id] = TrialView(number, dict(values), probes=known.probes if known else 0,
-                                          best=known.best if known else None)
+                                          best=known.best if known else None, steps=steps or self.steps,
+                                          step=known.step if known else 0)
         self._say(f"{self._label(trial_id)} started: {describe_values(values, self.names)}")
 
     def result(self, trial_id: str, probes: int, step: int | None, value: float | None) -> None:
         trial = self._trial(trial_id)
         trial.probes = max(trial.probes, probes)
+        trial.step = max(trial.step, step or 0)
         if isinstance(value, (int, float)) and (trial.best is None or self._better(value, trial.best)):
             trial.best = float(value)
         shown = "n/a" if value is None else f"{value:.4g}"
@@ -116,6 +130,8 @@ class SweepConsole:
         """A trial's end: done (all probes) or ``stopped`` early, with the reason."""
         trial = self._trial(trial_id)
         trial.state = "stopped" if stopped else "done"
+        if not stopped:
+            trial.step = max(trial.step, trial.steps)
         best = "" if trial.best is None else f", best {self.metric} {trial.best:.4g}"
         self._say(f"{self._label(trial_id)} " + (f"stopped early ({stopped}){best}" if stopped else f"done{best}"))
         self._summary()
@@ -125,6 +141,38 @@ class SweepConsole:
         self._say(f"{self._label(trial_id)} failed: {error}")
         self._summary()
 
+    def steps_reached(self, steps: dict[str, int | None]) -> None:
+        """What the running trials' metric files say: the step each has logged (``None``: unknown)."""
+        for trial_id, step in steps.items():
+            if step is not None and trial_id in self.trials:
+                self.trials[trial_id].step = max(self.trials[trial_id].step, step)
+
+    def running(self) -> list[str]:
+        """Ids of the trials running now, by their number."""
+        return sorted((i for i, t in self.trials.items() if t.state == "running"),
+                      key=lambda i: self.trials[i].number)
+
+    def heartbeat_due(self) -> bool:
+        """Whether a trial is running and the console has been silent for ``heartbeat_s``."""
+        return bool(self.running()) and self.now() - self.last_said >= self.heartbeat_s
+
+    def heartbeat(self, steps: dict[str, int | None]) -> None:
+        """``running: trial 1/4 at step 800/2000, trial 2/4 at step 760/2000; ETA 5:10``."""
+        self.steps_reached(steps)
+        shown = []
+        for trial_id in self.running():
+            trial = self.trials[trial_id]
+            if trial.step:
+                of = f"/{trial.steps}" if trial.steps else ""
+                shown.append(f"{self._label(trial_id)} at step {trial.step}{of}")
+            else:
+                shown.append(f"{self._label(trial_id)} starting")
+        line = "running: " + ", ".join(shown)
+        eta = self.eta_s()
+        if eta is not None:
+            line += f"; ETA {clock(eta)}"
+        self._say(line)
+
     # ----------------------------------------------------------------------------- figures
     def best(self) -> TrialView | None:
         scored = [t for t in self.trials.values() if t.best is not None]
@@ -133,13 +181,23 @@ class SweepConsole:
         return (max if self.mode == "max" else min)(scored, key=lambda t: t.best)
 
     def eta_s(self) -> float | None:
-        """Seconds left at the pace so far: probes still to run over probes run per second."""
+        """Seconds left at the pace so far: steps (or, where a trial's steps are not known, probes)
+        still to run over those run per second."""
+        elapsed = self.now() - self.start
+        views = list(self.trials.values())
+        if self.steps and all(t.steps for t in views):
+            done = sum(t.step for t in views)
+            if not done:
+                return None
+            left = sum(max(0, t.steps - t.step) for t in views if t.state == "running")
+            left += (self.total - len(views)) * self.steps
+            return left * elapsed / done
         done = sum(t.probes for t in self.trials.values())
         if not done:
             return None
         left = sum(self.reports - t.probes for t in self.trials.values() if t.state == "running")
         left += (self.total - len(self.trials)) * self.reports
-        return left * (self.now() - self.start) / done
+        return left * elapsed / done
 
     def summary_line(self) -> str:
         states = [t.state for t in self.trials.values()]
@@ -166,7 +224,7 @@ class SweepConsole:
 
     def _trial(self, trial_id: str) -> TrialView:
         if trial_id not in self.trials:  # an event of a trial restored before this console saw it start
-            self.trials[trial_id] = TrialView(len(self.trials) + 1, {})
+            self.trials[trial_id] = TrialView(len(self.trials) + 1, {}, steps=self.steps)
         return self.trials[trial_id]
 
     def _label(self, trial_id: str) -> str:
@@ -176,4 +234,5 @@ class SweepConsole:
         self._say(self.summary_line())
 
     def _say(self, text: str) -> None:
-        self.echo(f"[{clock(self.now() - self.start)}] {text}")
+        self.last_said = self.now()
+        self.echo(f"[{clock(self.last_said - self.start)}] {text}")

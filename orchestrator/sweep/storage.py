@@ -158,6 +158,29 @@ def trial_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
+def logged_step(directory: Path, sweep: str, trial_id: str) -> int | None:
+    """The last step a trial's run logged to its ``metrics.jsonl`` (``None`` before its first line, or
+    where its files are not on this machine). Only the file's tail is read: a long run's file is
+    thousands of lines, and the sweep console asks every minute. A PBT trial that continued a donor's
+    run writes under a longer name; its newest file wins."""
+    files = [p for p in (directory / TRIALS_DIR).glob(f"{trial_run_name(sweep, trial_id)}*/metrics.jsonl")]
+    if not files:
+        return None
+    path = max(files, key=lambda p: p.stat().st_mtime)
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):  # the last whole line: the writer may be half-way through one
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def save_sweep_run(directory: Path, spec: SweepSpec, state: SweepState, source: Path | None) -> None:
     """Write what ``load_sweep_run`` reads back: the validated spec, the sweep file as written
     (``source``, if any) and the MLflow state. The state goes last: it marks a saved sweep (`capi sweep

@@ -32,7 +32,7 @@ from orchestrator.cluster import init_local_ray, join_cluster
 from orchestrator.sweep.console import SweepConsole, stop_reason
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, STATE_FILE, TRIALS_DIR, SweepError, SweepOutcome, SweepState,
-                                        load_sweep_run, load_trial_notes, number_trials, save_sweep_run,
+                                        load_sweep_run, load_trial_notes, logged_step, number_trials, save_sweep_run,
                                         save_trial_notes, sweep_dir, sweep_noise, trial_dirname, trial_rows)
 from orchestrator.sweep.trial import TRIAL_FN_CPU, trainable, trial_resources
 from orchestrator.train import TrainingError, absolute_paths, check_dataset
@@ -112,6 +112,11 @@ def portable(spec: SweepSpec, directory: Path) -> SweepSpec:
     return SweepSpec.model_validate(data)
 
 
+# How often the console names each running trial's step when nothing else was said: often enough that a
+# trial probed only at its end shows it is alive, rarely enough that a 10-minute sweep prints ~10 lines.
+HEARTBEAT_S = 60.0
+
+
 class SweepProgress(tune.Callback):
     """The sweep's console (``orchestrator.sweep.console.SweepConsole``) fed from Tune's trial events; it
     also numbers the trials, records why a trial stopped early, and closes that trial's MLflow run.
@@ -126,20 +131,27 @@ class SweepProgress(tune.Callback):
         self.scheduler, self.time_limit_s = spec.scheduler, spec.budget.time_limit_s
         self.metric, self.mode, self.reports = spec.search.metric, spec.search.mode, spec.reports_per_trial()
         self.total = spec.num_trials()
+        self.name, self.steps = spec.name, spec.base_config.optim.steps
         self.setup()
 
     def setup(self, **info) -> None:
         """At the experiment's start, also when ``capi sweep resume`` restores this callback from
         Tune's pickled state: the clock starts now, and the notes are read back from storage."""
         self.notes = load_trial_notes(self.directory)
-        self.console = SweepConsole(total=self.total, reports=self.reports, metric=self.metric, mode=self.mode)
+        self.console = SweepConsole(total=self.total, reports=self.reports, metric=self.metric, mode=self.mode,
+                                    steps=self.steps, heartbeat_s=HEARTBEAT_S)
 
     def _number(self, trials) -> None:
         if number_trials(self.notes, [t.trial_id for t in trials]):
             save_trial_notes(self.directory, self.notes)
 
+    def _logged_steps(self) -> dict[str, int | None]:
+        return {i: logged_step(self.directory, self.name, i) for i in self.console.running()}
+
     def on_step_end(self, iteration, trials, **info) -> None:
         self._number(trials)  # in Tune's creation order, before a trial's first event
+        if self.console.heartbeat_due():
+            self.console.heartbeat(self._logged_steps())
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         self._number(trials)
@@ -148,7 +160,9 @@ class SweepProgress(tune.Callback):
         if "started_at" not in self.notes.setdefault(trial.trial_id, {}):
             self.notes[trial.trial_id]["started_at"] = round(time.time(), 3)
             save_trial_notes(self.directory, self.notes)
-        self.console.started(trial.trial_id, self.notes[trial.trial_id]["number"], trial.config)
+        steps = trial.config.get("optim.steps")
+        self.console.started(trial.trial_id, self.notes[trial.trial_id]["number"], trial.config,
+                             steps=int(steps) if isinstance(steps, (int, float)) else None)
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         value = result.get(self.metric)
@@ -163,6 +177,7 @@ class SweepProgress(tune.Callback):
                                  self.scheduler.type, getattr(self.scheduler, "reduction_factor", 2.0))
             self.notes.setdefault(trial.trial_id, {})["stopped"] = reason
             save_trial_notes(self.directory, self.notes)
+        self.console.steps_reached(self._logged_steps())  # the ETA below counts the others' steps
         self.console.ended(trial.trial_id, reason)
         run_id = track.best_effort(lambda: track.child_run_id(self.state, trial.trial_id))
         if reason and run_id:
