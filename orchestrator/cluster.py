@@ -48,6 +48,16 @@ class ClusterError(CapiError, RuntimeError):
             "cluster started on this machine) and that the cluster is up (`ray status` on the head)")
 
 
+class LocalRayError(CapiError, RuntimeError):
+    """A local Ray did not start. Seen on a 2-core VM at load ~8: Ray gives its raylet 30 s to register
+    and then raises a bare ``Exception`` ("The current node timed out during startup"), which reached
+    the user as an unexpected error although nothing in this project was wrong."""
+
+    hint = ("a machine short of CPU or memory can miss Ray's start-up limit: check `uptime` and free memory, "
+            "stop other heavy work and retry; a temporary directory Ray cannot write (RAY_TMPDIR, /tmp) fails "
+            "the same way; or join a running cluster with --address")
+
+
 class AddressError(CapiError, ValueError):
     """An address of the wrong kind (a dashboard's where a cluster's is needed, or the reverse): a bad
     value, exit code 2; the message says which kind the command takes."""
@@ -76,6 +86,8 @@ def init_local_ray(**options) -> None:
     os.environ[API_SERVER_VARIABLE] = f"http://127.0.0.1:{port}"
     try:
         ray.init(dashboard_host="127.0.0.1", dashboard_port=port, **options)
+    except Exception as err:  # noqa: BLE001 - Ray raises bare Exception for a start-up timeout
+        raise LocalRayError(f"could not start a local Ray: {type(err).__name__}: {err}") from err
     finally:
         if previous is None:
             del os.environ[API_SERVER_VARIABLE]

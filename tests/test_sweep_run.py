@@ -122,6 +122,21 @@ def test_a_bad_file_stops_at_validation(tiny_dataset, tmp_path, mlflow_server):
     assert not (tmp_path / "sweeps").exists()  # nothing started, nothing written
 
 
+def test_a_local_ray_that_cannot_start_is_a_clear_error(tiny_dataset, tmp_path):
+    # A real failure of Ray's own start-up (its temporary directory under a file): under heavy load
+    # the raylet's 30 s registration limit fails the same call with a bare Exception.
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    file = sweep_file(tmp_path, "noray", tiny_dataset, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = {**os.environ, "RAY_TMPDIR": str(blocker / "ray"), "RAY_ADDRESS": "", "CAPI_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([str(Path(sys.executable).with_name("capi")), "sweep", "run", str(file)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Error: could not start a local Ray: NotADirectoryError" in result.stderr
+    assert "what to do:" in result.stderr and "Traceback" not in result.stderr + result.stdout
+    assert "unexpected" not in result.stderr
+
+
 def test_optuna_searcher_samples_the_sweep_space_under_its_names(ray_local, tiny_dataset, tmp_path):
     from ray import tune
 
