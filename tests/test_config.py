@@ -1,8 +1,10 @@
 """Configuration: presets build, overrides apply, bad values name their field."""
 
 import pytest
+from click.testing import CliRunner
 
 from capi_core.config import PRESETS, ConfigError, build_config, flatten, load_config, parse_overrides
+from orchestrator.cli import main
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -41,6 +43,11 @@ def test_invalid_values_name_the_field(override, field):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ConfigError, match="cpu-demo"):
         build_config("cpu-huge")
+
+
+def test_train_help_names_every_preset():
+    shown = " ".join(CliRunner().invoke(main, ["train", "--help"]).output.split())
+    assert all(name in shown for name in PRESETS), shown  # it once left out cpu-long
 
 
 def test_override_syntax_error():

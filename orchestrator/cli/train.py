@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from capi_core.config import build_config, load_config
+from capi_core.config import PRESETS, build_config, load_config
 
 
 def _tracking_options(tracking: bool, tracking_uri: str | None, experiment: str | None):
@@ -26,7 +26,7 @@ def _tracking_options(tracking: bool, tracking_uri: str | None, experiment: str 
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--preset", default="cpu-demo", show_default=True,
-              help="Starting configuration: cpu-tiny, cpu-demo, vit-s, vit-b or vit-l.")
+              help=f"Starting configuration: {', '.join(PRESETS)} (capi_core/config.py).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="A YAML file of overrides (it may name its own `preset`).")
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
