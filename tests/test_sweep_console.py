@@ -64,7 +64,10 @@ def test_heartbeat_names_each_running_trials_step_and_the_eta_counts_steps():
     assert lines[-1] == "[2:00] running: trial 1/4 at step 800/2000, trial 2/4 at step 700/2000; ETA 8:40"
     # One probe per trial, at its end: when the first trial ends the other is nearly done. Counting
     # probes (1 done, 3 to go) said 13:30 here; counting steps, 4,100 left at 3,900 per 270 s.
-    now.t += 150
+    now.t += 100
+    console.heartbeat({"q_00000": 2000, "q_00001": 1800})
+    assert lines[-1].startswith("[3:40] running: trial 1/4 at step 2000/2000 (final probe), trial 2/4 at step 1800/2000;")
+    now.t += 50
     console.result("q_00000", 1, 2000, 8.3)
     console.steps_reached({"q_00000": 2000, "q_00001": 1900})
     console.ended("q_00000")

@@ -164,7 +164,9 @@ class SweepConsole:
             trial = self.trials[trial_id]
             if trial.step:
                 of = f"/{trial.steps}" if trial.steps else ""
-                shown.append(f"{self._label(trial_id)} at step {trial.step}{of}")
+                # At its last step a trial runs its final probe and diagnostics (~1 minute on one core).
+                end = " (final probe)" if trial.steps and trial.step >= trial.steps else ""
+                shown.append(f"{self._label(trial_id)} at step {trial.step}{of}{end}")
             else:
                 shown.append(f"{self._label(trial_id)} starting")
         line = "running: " + ", ".join(shown)
