@@ -1,5 +1,6 @@
 """Sweep files: the schema, the combination checks, file:line errors, the shipped sweeps, `capi sweep validate`."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from capi_core.config import ConfigError, build_config
 from orchestrator.cli import main
 from orchestrator.sweep.spec import Resources, SweepSpecError, SweepSpecWarning, load_sweep
+from orchestrator.sweep.storage import trial_rows
 
 REPO = Path(__file__).resolve().parent.parent
 # sweeps/study/ holds study files for benchmarks/recipe_study.py, not sweeps.
@@ -413,10 +415,6 @@ def test_trial_rows_read_the_newest_tune_session(tmp_path):
     """After a resume, Tune's final sync rewrites the killed session's stale state file last, and a
     restored trial may log into a new directory: statuses and results must come from the newest
     session's file (by its name) and the directory it names (the bug fixed in issue 6)."""
-    import json
-
-    from orchestrator.sweep.storage import trial_rows
-
     spec = load_sweep(Path("sweeps/quickstart.yaml"))
     metric = spec.search.metric
 
@@ -440,6 +438,23 @@ def test_trial_rows_read_the_newest_tune_session(tmp_path):
     assert set(rows) == {"a_0", "a_1"}
     assert [rows[t].status for t in ("a_0", "a_1")] == ["TERMINATED", "TERMINATED"]
     assert rows["a_1"].metric == 45.0 and rows["a_0"].metric == (50.0 if spec.search.mode == "max" else 40.0)
+
+
+def test_trial_rows_show_a_running_trials_logged_step(tmp_path):
+    """`capi sweep status` during a one-probe trial: Tune has no result yet, the trial's metrics.jsonl
+    has its step."""
+    spec = load_sweep(Path("sweeps/quickstart.yaml"))
+    data = {"trial_data": [[json.dumps({"trial_id": t, "status": s, "relative_logdir": f"trial_{t}"}), "{}"]
+                           for t, s in (("a_0", "RUNNING"), ("a_1", "PENDING"))]}
+    (tmp_path / "experiment_state-2026-01-01_10-00-00.json").write_text(json.dumps(data))
+    for t in ("a_0", "a_1"):
+        (tmp_path / f"trial_{t}").mkdir()
+    run = tmp_path / "trials" / f"{spec.name}-a_0"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 740, "time": 1.0}\n{"step": 760, "time": 2.0}\n')
+    rows = {r.trial_id: r for r in trial_rows(tmp_path, spec)}
+    assert (rows["a_0"].status, rows["a_0"].step) == ("RUNNING", 760)
+    assert (rows["a_1"].status, rows["a_1"].step) == ("PENDING", None)
 
 
 def test_missing_dataset_stops_a_local_sweep_before_ray(tmp_path, monkeypatch):

@@ -296,10 +296,14 @@ def trial_rows(directory: Path, spec: SweepSpec) -> list[TrialRow]:
             status = "STOPPED"
         error = (trial_dir / "error.txt").read_text().strip().splitlines()[-1:] if (trial_dir / "error.txt").exists() \
             else None
+        step = results[-1].get("step") if results else None
+        if status == "RUNNING":  # between its probes a trial reports nothing to Tune; its own log says more
+            logged = logged_step(directory, spec.name, trial_id)
+            step = max(step or 0, logged) if logged is not None else step
         rows.append(TrialRow(trial_id=trial_id, status=status,
                              params={k: params[k] for k in spec.search_space if k in params},
                              metric=pick(values) if values else None, last=values[-1] if values else None,
-                             probe_evals=evals, step=results[-1].get("step") if results else None,
+                             probe_evals=evals, step=step,
                              error=error[0] if error else None, gain=best_result.get("probe/knn_gain"),
                              random_init=best_result.get("probe/knn_random_init"),
                              number=notes.get(trial_id, {}).get("number"),
