@@ -194,11 +194,11 @@ class SweepConsole:
             left = sum(max(0, t.steps - t.step) for t in views if t.state == "running")
             left += (self.total - len(views)) * self.steps
             return left * elapsed / done
-        done = sum(t.probes for t in self.trials.values())
+        done = sum(t.probes for t in views)
         if not done:
             return None
-        left = sum(self.reports - t.probes for t in self.trials.values() if t.state == "running")
-        left += (self.total - len(self.trials)) * self.reports
+        left = sum(self.reports - t.probes for t in views if t.state == "running")
+        left += (self.total - len(views)) * self.reports
         return left * elapsed / done
 
     def summary_line(self) -> str:

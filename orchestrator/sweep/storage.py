@@ -163,7 +163,7 @@ def logged_step(directory: Path, sweep: str, trial_id: str) -> int | None:
     where its files are not on this machine). Only the file's tail is read: a long run's file is
     thousands of lines, and the sweep console asks every minute. A PBT trial that continued a donor's
     run writes under a longer name; its newest file wins."""
-    files = [p for p in (directory / TRIALS_DIR).glob(f"{trial_run_name(sweep, trial_id)}*/metrics.jsonl")]
+    files = list((directory / TRIALS_DIR).glob(f"{trial_run_name(sweep, trial_id)}*/metrics.jsonl"))
     if not files:
         return None
     path = max(files, key=lambda p: p.stat().st_mtime)
