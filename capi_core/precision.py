@@ -24,13 +24,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from capi_core.atomic import atomic_write
 from capi_core.config import ModelConfig
 from capi_core.data import cache_root
+from capi_core.models.attention import scaled_dot_product_attention
 
-PROBE_VERSION = 2  # bump when the probe or its record changes, so older decisions are measured again (2: the load)
+PROBE_VERSION = 3  # bump when the probe or its record changes, so older decisions are measured again
+# (2: the load; 3: attention as the models compute it on CPU, models/attention.py)
 MAX_ROWS = 2048  # token rows in the timed matmuls: enough for the kernels to reach their steady rate
 PROBE_FLOPS = 2 * 10**9  # linear-layer FLOPs per timed pass: ~10 ms at 0.2 TFLOP/s
 REPEATS = 3  # timed repetitions per precision; the fastest counts (the least disturbed by other load)
@@ -99,7 +100,8 @@ def probe_rates(model: ModelConfig, repeats: int = REPEATS) -> tuple[float, floa
             start = time.perf_counter()
             for a, w in cast:
                 a @ w
-            F.scaled_dot_product_attention(qs, qs, qs)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                scaled_dot_product_attention(qs, qs, qs)  # as the step computes it, in each precision
             best = min(best, time.perf_counter() - start)
         return flops / best / 1e9
 

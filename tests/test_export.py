@@ -90,7 +90,8 @@ def test_export_loads_in_timm_with_the_checkpoint_features_and_is_registered(mlf
     assert all(torch.equal(saved[k], teacher[k]) for k in saved)  # the EMA teacher, not the student
     x = torch.randn(3, config.model.in_chans, config.model.img_size, config.model.img_size)
     with torch.no_grad():
-        torch.testing.assert_close(model.forward_features(x), encoder(x), rtol=0, atol=0)
+        # plain timm's SDPA against our explicit attention product (attention.py): fp32 summation order.
+        torch.testing.assert_close(model.forward_features(x), encoder(x), rtol=1e-5, atol=1e-5)
 
     manifest = load_manifest(tiny_dataset)
     assert cfg["mean"] == manifest.mean and cfg["std"] == manifest.std

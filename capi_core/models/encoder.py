@@ -74,8 +74,8 @@ class Encoder(nn.Module):
                                cfg.mlp_ratio, cfg.registers, cfg.drop_path)
         else:
             self.timm_architecture = TIMM_ARCHITECTURE
-            # TimmAttention: timm's module with the attention product under this project's precision
-            # policy (attention.py); same parameters, so the weights still load into plain timm.
+            # TimmAttention: timm's module with the attention product computed as attention.py measured
+            # fastest on CPU; same parameters, so the weights still load into plain timm.
             self.vit = timm.create_model(self.timm_architecture, pretrained=False, attn_layer=TimmAttention,
                                          **self.timm_model_args())
             for block in self.vit.blocks:  # CAPI: one drop-path rate in every block, not timm's ramp over depth
