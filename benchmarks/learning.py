@@ -6,12 +6,17 @@
     .venv/bin/python benchmarks/learning.py paired --seeds 4 --variant optim.warmup_fraction=0.1 \
         --variant optim.warmup_fraction=0.3 optim.steps=2000             # noise of a sweep's comparisons
     .venv/bin/python benchmarks/learning.py demo optim.steps=200     # any config override
+    .venv/bin/python benchmarks/learning.py score --checkpoint runs/capi --attentive-epochs 50 \
+        --attentive-warmup 0.1                                       # a kept teacher, another probe protocol
 
 ``demo`` trains a preset with the trainer's online probe (its curve against minutes is printed and
 kept), then scores the final EMA teacher on the whole Fashion-MNIST test set with the protocols of
 ``capi eval``: weighted k-NN (k=20, T=0.07, cosine) of mean-pooled patch features with all 60,000
 train images as its memory, and CAPI's attentive probe on 10,000 train images. Baselines in the same
 run and on the same images: the same architecture at its seeded random init, and k-NN on raw pixels.
+
+``score`` scores a checkpoint's teacher (e.g. a ``demo --keep DIR``) the way ``demo`` does, beside its
+random init and raw pixels, so that a probe protocol can be compared on one trained network.
 
 ``noise`` trains the same configuration with several seeds and reports the spread of the online
 probe's ``probe/knn_top1`` and ``probe/knn_gain`` at equal training, and what the probe cost as a
@@ -47,8 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from run_all import machine  # noqa: E402
 
 from capi_core.atomic import atomic_write_text  # noqa: E402
+from capi_core.checkpoint import load_encoder  # noqa: E402
 from capi_core.config import ConfigError, build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
+from capi_core.precision import choose_precision  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
 from capi_core.eval.knn import knn_top1  # noqa: E402
 from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
@@ -98,7 +105,8 @@ def train(preset: str, overrides: list[str], out_dir: Path) -> tuple[Trainer, Cu
     return trainer, curve, time.perf_counter() - start
 
 
-def full_test_scores(encoder, cfg, autocast, attentive_train: int) -> dict[str, float]:
+def full_test_scores(encoder, cfg, autocast, attentive_train: int,
+                     protocol: ProbeProtocol = ProbeProtocol(seed=0)) -> dict[str, float]:
     """k-NN with the whole train split as memory and the attentive probe on ``attentive_train`` images,
     both scored on the whole test split."""
     ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
@@ -111,7 +119,7 @@ def full_test_scores(encoder, cfg, autocast, attentive_train: int) -> dict[str, 
         tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
                   for x in (sub.train_x, sub.test_x)]
         (result,) = run_probes(tokens[0], sub.train_y, tokens[1], sub.test_y, probes=["attentive"],
-                               protocol=ProbeProtocol(seed=0))
+                               protocol=protocol)
         scores["attentive"] = result.top1
     return scores
 
@@ -122,14 +130,15 @@ def raw_pixels_knn(cfg) -> float:
                     temperature=0.07)
 
 
-def demo(args) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer, curve, wall = train(args.preset, args.overrides, Path(args.keep or tmp))
-    cfg, autocast = trainer.config, trainer.autocast_dtype
-    print(f"trained in {wall / 60:.1f} min ({curve.train_s / 60:.1f} training, {curve.probe_s / 60:.1f} probing); "
-          f"scoring on the full test set", flush=True)
-    trained = full_test_scores(trainer.teacher.encoder, cfg, autocast, args.attentive_train)
-    untrained = full_test_scores(random_init_encoder(cfg), cfg, autocast, args.attentive_train)
+def attentive_protocol(args) -> ProbeProtocol:
+    return ProbeProtocol(seed=0, epochs=args.attentive_epochs, warmup_fraction=args.attentive_warmup)
+
+
+def compare(encoder, cfg, autocast, args) -> dict:
+    """The trained encoder, its seeded random init and raw pixels on the full test set, printed."""
+    protocol = attentive_protocol(args)
+    trained = full_test_scores(encoder, cfg, autocast, args.attentive_train, protocol)
+    untrained = full_test_scores(random_init_encoder(cfg), cfg, autocast, args.attentive_train, protocol)
     pixels = raw_pixels_knn(cfg)
     rows = [("k-NN, 60k train memory, full test", trained["knn_full"], untrained["knn_full"], pixels)]
     if "attentive" in trained:
@@ -138,9 +147,32 @@ def demo(args) -> dict:
     print(f"\n{'protocol':<44} {'trained':>8} {'random init':>12} {'raw pixels':>11}")
     for name, a, b, c in rows:
         print(f"{name:<44} {a:>8.2f} {b:>12.2f} {'' if c is None else f'{c:.2f}':>11}")
+    if "attentive" in trained:
+        print(f"attentive probe: {protocol.epochs} epochs, {protocol.warmup_fraction:.0%} warmup")
+    return {"trained": trained, "random_init": untrained, "raw_pixels_knn": pixels,
+            "attentive_protocol": {"epochs": protocol.epochs, "warmup_fraction": protocol.warmup_fraction}}
+
+
+def demo(args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, curve, wall = train(args.preset, args.overrides, Path(args.keep or tmp))
+    cfg, autocast = trainer.config, trainer.autocast_dtype
+    print(f"trained in {wall / 60:.1f} min ({curve.train_s / 60:.1f} training, {curve.probe_s / 60:.1f} probing); "
+          f"scoring on the full test set", flush=True)
+    scores = compare(trainer.teacher.encoder, cfg, autocast, args)
     return {"preset": args.preset, "overrides": args.overrides, "wall_min": round(wall / 60, 2),
             "train_min": round(curve.train_s / 60, 2), "probe_min": round(curve.probe_s / 60, 2),
-            "curve": curve.points, "trained": trained, "random_init": untrained, "raw_pixels_knn": pixels}
+            "curve": curve.points, **scores}
+
+
+def score(args) -> dict:
+    if not args.checkpoint:
+        raise SystemExit("score needs --checkpoint DIR (a run directory or one of its checkpoints)")
+    encoder, cfg = load_encoder(Path(args.checkpoint))
+    autocast = choose_precision(cfg.run.precision, torch.device("cpu"), cfg.model, cfg.data.cache_dir).autocast_dtype
+    print(f"scoring the teacher of {args.checkpoint} ({cfg.optim.steps} steps planned) on the full test set, "
+          f"features in {'bf16' if autocast else 'fp32'}", flush=True)
+    return {"checkpoint": str(args.checkpoint), **compare(encoder.eval(), cfg, autocast, args)}
 
 
 # Probe sets the noise runs also score their final teacher on, to split the spread over seeds into
@@ -281,20 +313,25 @@ def paired(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("demo", "noise", "paired"))
+    parser.add_argument("what", choices=("demo", "score", "noise", "paired"))
     parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="noise: runs with seeds 0..N-1")
     parser.add_argument("--parallel", type=int, default=1, help="noise: runs at a time, each in its own process")
     parser.add_argument("--attentive-train", type=int, default=10_000,
                         help="demo: train images for the attentive probe (0: skip it)")
+    parser.add_argument("--attentive-epochs", type=int, default=ProbeProtocol.epochs,
+                        help="demo, score: epochs of the attentive probe (default %(default)s, capi eval's)")
+    parser.add_argument("--attentive-warmup", type=float, default=ProbeProtocol.warmup_fraction,
+                        help="demo, score: the attentive probe's warmup, a fraction of its steps")
+    parser.add_argument("--checkpoint", default=None, metavar="DIR", help="score: a run directory or checkpoint")
     parser.add_argument("--keep", default=None, metavar="DIR",
                         help="demo: train into DIR and keep its checkpoints (default: a temporary directory)")
     parser.add_argument("--variant", action="append", default=[], metavar="A=X,B=Y",
                         help="paired: one variant's overrides, comma-separated (give two or more)")
     parser.add_argument("--name", default=None, help="results file name (default: what and preset)")
     args = parser.parse_intermixed_args()
-    figures = {"demo": demo, "noise": noise, "paired": paired}[args.what](args)
+    figures = {"demo": demo, "score": score, "noise": noise, "paired": paired}[args.what](args)
     record = {"machine": machine(), **figures}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"learning-{args.name or f'{args.what}-{args.preset}'}.json"

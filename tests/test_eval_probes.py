@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ from capi_core.eval.probes import (
     ProbeProtocol,
     attentive_heads,
     ep_num_params,
+    lr_factor,
     run_probe,
     run_probes,
     select_probe,
+    train_head,
 )
 
 FAST = ProbeProtocol(epochs=20, batch_size=64)
@@ -223,3 +226,25 @@ def test_attentive_head_follows_capi():
     assert head.kv.in_features == 192 and head.kv.out_features == 384 and head.kv.bias is not None
     assert head.query.shape == (192,)
     assert head(torch.randn(3, 49, 192)).shape == (3, 7)
+
+
+# ------------------------------------------------------------------------------------ lr schedule
+
+def test_probe_lr_warms_up_linearly_then_follows_a_cosine_to_zero():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert f[10] == 1.0 and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    # Without warmup: the cosine from step 0, the schedule before warmup existed.
+    assert [lr_factor(s, 50, 0) for s in range(50)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * s / 50)) for s in range(50)])
+
+
+def test_the_protocols_warmup_reaches_the_training_loop():
+    x, y = torch.randn(128, 4, 8), torch.randint(0, 3, (128,))
+    heads = []
+    for warmup in (0.0, 0.5):
+        torch.manual_seed(0)
+        protocol = ProbeProtocol(epochs=2, batch_size=32, warmup_fraction=warmup)
+        heads.append(train_head(AttentiveHead(8, 3), x, y, lr=0.1, protocol=protocol))
+    assert not torch.equal(heads[0].fc.weight, heads[1].fc.weight)

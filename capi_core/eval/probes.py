@@ -44,7 +44,8 @@ class ProbeProtocol:
     # AdamW peak lr sweep, selected on the held-out part. High because CPU probes take a few hundred steps
     # (CAPI's 12.5k-step grid reaches down to 1e-5); on Fashion-MNIST features the optimum was 3e-2..1e-1.
     lrs: tuple[float, ...] = (1e-2, 3e-2, 1e-1)
-    epochs: int = 10
+    epochs: int = 10  # the reference's 12,500 iterations at batch 1,024 are 10 ImageNet epochs
+    warmup_fraction: float = 0.0  # of the steps, linear from 0 (the reference warms up 10 %)
     batch_size: int = 256
     weight_decay: float = 5e-4  # on weight matrices only (CAPI's grid minimum; no decay on biases)
     betas: tuple[float, float] = (0.9, 0.95)  # as CAPI's reference probes
@@ -215,10 +216,18 @@ def _seeded_head(factory: Callable[[int, int], nn.Module], dim: int, num_classes
         return factory(dim, num_classes)
 
 
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The probe's lr at ``step`` of ``total`` as a fraction of its peak: linear from 1/warmup to 1 over
+    ``warmup`` steps, then a cosine to 0 over the rest (without warmup, the cosine from step 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def train_head(head: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: ProbeProtocol) -> nn.Module:
     """Train ``head`` on frozen inputs x [N, ...] and labels y [N]; returns it in eval mode.
 
-    AdamW (decay on weight matrices only) with a per-step cosine schedule from ``lr`` to 0, cross
+    AdamW (decay on weight matrices only) with a per-step schedule (``lr_factor``) peaking at ``lr``, cross
     entropy, shuffled mini-batches from a seeded generator: the result is a function of the inputs.
     """
     decay = [p for p in head.parameters() if p.ndim > 1]
@@ -229,6 +238,7 @@ def train_head(head: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: Probe
     bs = min(protocol.batch_size, n)
     per_epoch = n // bs  # drop the ragged last batch: BatchNorm needs > 1 sample, and it keeps steps equal
     total = protocol.epochs * per_epoch
+    warmup = int(protocol.warmup_fraction * total)
     gen = torch.Generator().manual_seed(protocol.seed)
     head.train()
     step = 0
@@ -237,7 +247,7 @@ def train_head(head: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: Probe
         for b in range(per_epoch):
             idx = order[b * bs:(b + 1) * bs]
             for group in opt.param_groups:
-                group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+                group["lr"] = lr * lr_factor(step, total, warmup)
             loss = F.cross_entropy(head(x[idx].float()), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
