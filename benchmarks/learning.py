@@ -52,14 +52,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from run_all import machine  # noqa: E402
 
 from capi_core.atomic import atomic_write_text  # noqa: E402
-from capi_core.checkpoint import load_encoder  # noqa: E402
+from capi_core.checkpoint import CheckpointError, load_encoder  # noqa: E402
 from capi_core.config import ConfigError, build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
-from capi_core.precision import choose_precision  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
 from capi_core.eval.knn import knn_top1  # noqa: E402
 from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
 from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
+from capi_core.precision import choose_precision  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -105,8 +105,7 @@ def train(preset: str, overrides: list[str], out_dir: Path) -> tuple[Trainer, Cu
     return trainer, curve, time.perf_counter() - start
 
 
-def full_test_scores(encoder, cfg, autocast, attentive_train: int,
-                     protocol: ProbeProtocol = ProbeProtocol(seed=0)) -> dict[str, float]:
+def full_test_scores(encoder, cfg, autocast, attentive_train: int, protocol: ProbeProtocol) -> dict[str, float]:
     """k-NN with the whole train split as memory and the attentive probe on ``attentive_train`` images,
     both scored on the whole test split."""
     ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
@@ -130,13 +129,9 @@ def raw_pixels_knn(cfg) -> float:
                     temperature=0.07)
 
 
-def attentive_protocol(args) -> ProbeProtocol:
-    return ProbeProtocol(seed=0, epochs=args.attentive_epochs, warmup_fraction=args.attentive_warmup)
-
-
 def compare(encoder, cfg, autocast, args) -> dict:
     """The trained encoder, its seeded random init and raw pixels on the full test set, printed."""
-    protocol = attentive_protocol(args)
+    protocol = ProbeProtocol(seed=0, epochs=args.attentive_epochs, warmup_fraction=args.attentive_warmup)
     trained = full_test_scores(encoder, cfg, autocast, args.attentive_train, protocol)
     untrained = full_test_scores(random_init_encoder(cfg), cfg, autocast, args.attentive_train, protocol)
     pixels = raw_pixels_knn(cfg)
@@ -168,7 +163,10 @@ def demo(args) -> dict:
 def score(args) -> dict:
     if not args.checkpoint:
         raise SystemExit("score needs --checkpoint DIR (a run directory or one of its checkpoints)")
-    encoder, cfg = load_encoder(Path(args.checkpoint))
+    try:
+        encoder, cfg = load_encoder(Path(args.checkpoint))
+    except CheckpointError as err:
+        raise SystemExit(f"score: {err}") from None
     autocast = choose_precision(cfg.run.precision, torch.device("cpu"), cfg.model, cfg.data.cache_dir).autocast_dtype
     print(f"scoring the teacher of {args.checkpoint} ({cfg.optim.steps} steps planned) on the full test set, "
           f"features in {'bf16' if autocast else 'fp32'}", flush=True)
@@ -335,7 +333,7 @@ def main() -> None:
     record = {"machine": machine(), **figures}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"learning-{args.name or f'{args.what}-{args.preset}'}.json"
-    out.write_text(json.dumps(record, indent=1))
+    atomic_write_text(out, json.dumps(record, indent=1))
     print(f"wrote {out}")
 
 
