@@ -54,11 +54,12 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 
+from capi_core.checkpoint_dirs import METRICS_FILE
 from capi_core.config import build_config
 from capi_core.data import resolve_dataset
 from capi_core.train import JsonlMetrics, Trainer
 from orchestrator.sweep.storage import NOTES_FILE, TRIALS_DIR
-from orchestrator.train import METRICS_FILE, STARTUP_FILE, ScalingOptions, init_local_ray, run_distributed
+from orchestrator.train import STARTUP_FILE, ScalingOptions, init_local_ray, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,6 @@
 """Where checkpoints live, without reading them: ``<run>/checkpoints/step-0001234/`` holding
-``model.safetensors`` and ``state.json`` (``capi_core.checkpoint`` writes and reads them).
+``model.safetensors`` and ``state.json`` (``capi_core.checkpoint`` writes and reads them), beside the
+run's ``metrics.jsonl`` (``capi_core.train.JsonlMetrics`` appends to it).
 
 Separate from ``capi_core.checkpoint`` because it needs no torch: ``capi sweep status`` finds a
 sweep's checkpoints and their JSON from the files alone, in well under the seconds torch takes to import.
@@ -11,6 +12,7 @@ from pathlib import Path
 
 WEIGHTS = "model.safetensors"
 STATE = "state.json"
+METRICS_FILE = "metrics.jsonl"  # in the run directory: one JSON object per logged step
 
 
 def checkpoint_name(step: int) -> str:

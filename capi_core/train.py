@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
 from capi_core.cadence import is_checkpoint_step, is_probe_step
+from capi_core.checkpoint_dirs import METRICS_FILE
 from capi_core.compilation import choose_compile
 from capi_core.config import ConfigError, TrainConfig
 from capi_core.data import resolve_dataset
@@ -72,7 +73,7 @@ class JsonlMetrics(Callback):
 
     def on_log(self, trainer: Trainer, step: int, metrics: dict[str, float]) -> None:
         if trainer.is_main:
-            path = Path(self.path or trainer.run_dir / "metrics.jsonl")
+            path = Path(self.path or trainer.run_dir / METRICS_FILE)
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")

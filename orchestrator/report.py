@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.checkpoint import CheckpointError, latest_checkpoint, load_encoder
+from capi_core.checkpoint_dirs import METRICS_FILE
 from capi_core.data import resolve_dataset
 from capi_core.data.format import load_manifest
 from capi_core.data.reader import load_split
@@ -83,7 +84,7 @@ def collect(spec: SweepSpec, state: SweepState, directory: Path) -> list[TrialRe
                 history = client.get_metric_history(t.run_id, key)
                 t.curves[key] = sorted((m.step, m.value) for m in history)
         if not any(t.curves.values()):
-            t.curves = _jsonl_curves(run_dir / "metrics.jsonl", (spec.search.metric, *CURVE_METRICS))
+            t.curves = _jsonl_curves(run_dir / METRICS_FILE, (spec.search.metric, *CURVE_METRICS))
         if t.checkpoint is None:
             found = latest_checkpoint(run_dir)
             t.checkpoint = str(found) if found else None

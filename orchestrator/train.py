@@ -39,6 +39,7 @@ from ray.train.torch import TorchConfig, TorchTrainer, get_device
 
 from capi_core.atomic import atomic_write_text
 from capi_core.checkpoint import checkpoint_name, list_checkpoints
+from capi_core.checkpoint_dirs import METRICS_FILE
 from capi_core.config import TrainConfig, with_fields
 from capi_core.data import resolve_dataset
 from capi_core.errors import CapiError
@@ -50,7 +51,6 @@ from orchestrator.ray_internals import SNAPSHOT, quiet_report_logs, report_poll_
 from orchestrator.tracking import (MlflowTracking, TrackingError, TrackingOptions, best_effort, check_reachable,
                                    end_run, open_run, resolve_uri, run_id_in_checkpoints)
 
-METRICS_FILE = "metrics.jsonl"
 STARTUP_FILE = "startup.json"  # StartupRecord
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from capi_core.atomic import atomic_write_text
-from capi_core.checkpoint_dirs import STATE, latest_checkpoint
+from capi_core.checkpoint_dirs import METRICS_FILE, STATE, latest_checkpoint
 from capi_core.config import TrainConfig
 from capi_core.data import DatasetError, resolve_dataset
 from capi_core.errors import CapiError
@@ -163,7 +163,7 @@ def logged_step(directory: Path, sweep: str, trial_id: str) -> int | None:
     where its files are not on this machine). Only the file's tail is read: a long run's file is
     thousands of lines, and the sweep console asks every minute. A PBT trial that continued a donor's
     run writes under a longer name; its newest file wins."""
-    files = list((directory / TRIALS_DIR).glob(f"{trial_run_name(sweep, trial_id)}*/metrics.jsonl"))
+    files = list((directory / TRIALS_DIR).glob(f"{trial_run_name(sweep, trial_id)}*/{METRICS_FILE}"))
     if not files:
         return None
     path = max(files, key=lambda p: p.stat().st_mtime)
