@@ -6,8 +6,10 @@
     .venv/bin/python benchmarks/learning.py paired --seeds 4 --variant optim.warmup_fraction=0.1 \
         --variant optim.warmup_fraction=0.3 optim.steps=2000             # noise of a sweep's comparisons
     .venv/bin/python benchmarks/learning.py demo optim.steps=200     # any config override
-    .venv/bin/python benchmarks/learning.py score --checkpoint runs/capi --attentive-epochs 50 \
-        --attentive-warmup 0.1                                       # a kept teacher, another probe protocol
+    .venv/bin/python benchmarks/learning.py score --checkpoint runs/capi --attentive-epochs 10 \
+        --attentive-warmup 0                                         # a kept teacher, another probe protocol
+    .venv/bin/python benchmarks/learning.py plot --results benchmarks/results/learning-demo-cpu-long.json \
+        --out docs/images/cpu-long-curve.png                         # a demo's curve against minutes
 
 ``demo`` trains a preset with the trainer's online probe (its curve against minutes is printed and
 kept), then scores the final EMA teacher on the whole Fashion-MNIST test set with the protocols of
@@ -17,6 +19,9 @@ run and on the same images: the same architecture at its seeded random init, and
 
 ``score`` scores a checkpoint's teacher (e.g. a ``demo --keep DIR``) the way ``demo`` does, beside its
 random init and raw pixels, so that a probe protocol can be compared on one trained network.
+
+``plot`` draws a ``demo`` result's k-NN curve against training minutes, beside its random init and raw
+pixels (the README's curve).
 
 ``noise`` trains the same configuration with several seeds and reports the spread of the online
 probe's ``probe/knn_top1`` and ``probe/knn_gain`` at equal training, and what the probe cost as a
@@ -51,13 +56,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 from run_all import machine  # noqa: E402
 
-from capi_core.atomic import atomic_write_text  # noqa: E402
+from capi_core.atomic import atomic_write, atomic_write_text  # noqa: E402
 from capi_core.checkpoint import CheckpointError, load_encoder  # noqa: E402
 from capi_core.config import ConfigError, build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
 from capi_core.eval.knn import knn_top1  # noqa: E402
 from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
+from capi_core.eval.pictures import pyplot  # noqa: E402
 from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
 from capi_core.precision import choose_precision  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
@@ -146,6 +152,36 @@ def compare(encoder, cfg, autocast, args) -> dict:
         print(f"attentive probe: {protocol.epochs} epochs, {protocol.warmup_fraction:.0%} warmup")
     return {"trained": trained, "random_init": untrained, "raw_pixels_knn": pixels,
             "attentive_protocol": {"epochs": protocol.epochs, "warmup_fraction": protocol.warmup_fraction}}
+
+
+def plot(args) -> None:
+    """The k-NN curve of a ``demo`` result against training minutes, with its two baselines, as a PNG."""
+    if not args.results or not args.out:
+        raise SystemExit("plot needs --results FILE (a demo's JSON) and --out FILE.png")
+    try:
+        record = json.loads(Path(args.results).read_text())
+        points, base = record["curve"], record["random_init"]["knn_full"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"plot: {args.results} is not a demo result ({err})") from None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    minutes = [0.0] + [p["train_min"] for p in points]
+    ax.plot(minutes, [base] + [p["probe/knn_top1"] for p in points], "o-",
+            label=f"{record['preset']}: k-NN of the EMA teacher")
+    ax.axhline(record["raw_pixels_knn"], ls="--", color="gray", label=f"k-NN on raw pixels ({record['raw_pixels_knn']:.1f} %)")
+    ax.axhline(base, ls=":", color="gray", label=f"same network at random init ({base:.1f} %)")
+    steps = points[-1]["step"] if points else 0
+    ax.set_title(f"{record['preset']}: {steps:,} steps, 60,000-image k-NN memory", fontsize=10)
+    ax.set_xlabel(f"training minutes (2-core {record['machine']['cpu']}, probes excluded)")
+    ax.set_ylabel("k-NN top-1 (%), full test set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    print(f"wrote {out}")
 
 
 def demo(args) -> dict:
@@ -311,7 +347,7 @@ def paired(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("demo", "score", "noise", "paired"))
+    parser.add_argument("what", choices=("demo", "score", "noise", "paired", "plot"))
     parser.add_argument("overrides", nargs="*", help="config overrides, section.field=value")
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--seeds", type=int, default=3, help="noise: runs with seeds 0..N-1")
@@ -328,7 +364,11 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="A=X,B=Y",
                         help="paired: one variant's overrides, comma-separated (give two or more)")
     parser.add_argument("--name", default=None, help="results file name (default: what and preset)")
+    parser.add_argument("--results", default=None, metavar="FILE", help="plot: a demo's results JSON")
+    parser.add_argument("--out", default=None, metavar="FILE", help="plot: the PNG to write")
     args = parser.parse_intermixed_args()
+    if args.what == "plot":
+        return plot(args)
     figures = {"demo": demo, "score": score, "noise": noise, "paired": paired}[args.what](args)
     record = {"machine": machine(), **figures}
     RESULTS.mkdir(exist_ok=True)
