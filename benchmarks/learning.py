@@ -160,20 +160,21 @@ def plot(args) -> None:
         raise SystemExit("plot needs --results FILE (a demo's JSON) and --out FILE.png")
     try:
         record = json.loads(Path(args.results).read_text())
-        points, base = record["curve"], record["random_init"]["knn_full"]
+        points, base, pixels = record["curve"], record["random_init"]["knn_full"], record["raw_pixels_knn"]
+        preset, cpu, cores = record["preset"], record["machine"]["cpu"], record["machine"]["cores"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"plot: {args.results} is not a demo result ({err})") from None
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     minutes = [0.0] + [p["train_min"] for p in points]
     ax.plot(minutes, [base] + [p["probe/knn_top1"] for p in points], "o-",
-            label=f"{record['preset']}: k-NN of the EMA teacher")
-    ax.axhline(record["raw_pixels_knn"], ls="--", color="gray", label=f"k-NN on raw pixels ({record['raw_pixels_knn']:.1f} %)")
+            label=f"{preset}: k-NN of the EMA teacher")
+    ax.axhline(pixels, ls="--", color="gray", label=f"k-NN on raw pixels ({pixels:.1f} %)")
     ax.axhline(base, ls=":", color="gray", label=f"same network at random init ({base:.1f} %)")
     steps = points[-1]["step"] if points else 0
-    ax.set_title(f"{record['preset']}: {steps:,} steps, 60,000-image k-NN memory", fontsize=10)
-    ax.set_xlabel(f"training minutes (2-core {record['machine']['cpu']}, probes excluded)")
-    ax.set_ylabel("k-NN top-1 (%), full test set")
+    ax.set_title(f"{preset}: {steps:,} steps, the online k-NN probe", fontsize=10)
+    ax.set_xlabel(f"training minutes ({cores}-core {cpu}, probes excluded)")
+    ax.set_ylabel("k-NN top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
