@@ -35,7 +35,7 @@ from capi_core.data.format import load_manifest
 from capi_core.data.reader import train_batches
 from capi_core.errors import CapiError
 from capi_core.eval.diagnostics import diag_metrics, run_diagnostics
-from capi_core.eval.online_probe import ProbeSet, knn_score, online_probe_set, probe_metrics, random_init_knn
+from capi_core.eval.online_probe import ProbeSet, knn_score, online_baseline, probe_metrics
 from capi_core.eval.pictures import write_pictures
 from capi_core.losses import capi_loss, cluster_usage, clustering_loss, target_entropy
 from capi_core.masking import mask_ratio_at, sample_masks
@@ -331,11 +331,8 @@ class Trainer:
         the probe's own cost in seconds."""
         p, start = self.config.probe, time.perf_counter()
         if self._probe_set is None:
-            self._probe_set = online_probe_set(dataset_dir, self.config.model.img_size, p,
-                                               self.config.data.cache_dir)
-        if self._baseline is None:
-            self._baseline = random_init_knn(self.config, self._probe_set, self.config.data.cache_dir,
-                                             self.device, self.autocast_dtype).knn_top1
+            self._probe_set, baseline = online_baseline(self.config, dataset_dir, self.device, self.autocast_dtype)
+            self._baseline = baseline.knn_top1
         trained = knn_score(self.teacher.encoder, self._probe_set, p.k, p.temperature, self.autocast_dtype)
         # probe/seconds: what this probe cost (the first also loads the images and, uncached, the baseline).
         return {**probe_metrics(trained, self._baseline), "probe/seconds": time.perf_counter() - start}

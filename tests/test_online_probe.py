@@ -153,3 +153,12 @@ def test_the_quickstart_reports_its_paired_noise():
     note = noise_note(load_sweep("sweeps/quickstart.yaml"))
     assert note is not None and "60,000 train / 10,000 test" in note
     assert "differences below 1.0 points are noise" in note and "share their seed" in note
+
+
+def test_a_probe_set_larger_than_the_cache_limit_is_not_cached(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(online_probe, "CACHED_BYTES", 150 * 16 * 16 * 4 - 1)  # one float short of 150 16x16 images
+    load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path)
+    assert not (tmp_path / "probe-sets").exists()
+    monkeypatch.setattr(online_probe, "CACHED_BYTES", 150 * 16 * 16 * 4)
+    load_probe_set(tiny_dataset, 16, 100, 50, cache_dir=tmp_path)
+    assert len(list((tmp_path / "probe-sets").glob("*.safetensors"))) == 1

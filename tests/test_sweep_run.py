@@ -250,6 +250,7 @@ def test_asha_sweep_end_to_end_with_nested_runs_export_status_and_report(ray_loc
     result = CliRunner().invoke(main, ["sweep", "run", str(file)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "stopped early (ASHA rung at probe " in result.output
+    assert re.search(r"^probe baseline: [\d.]+ % k-NN at random init on ", result.output, re.M)  # the driver's, once
     # The heartbeat reads each running trial's step from the metrics.jsonl its Train run writes.
     assert re.search(r"\] running: trial \d/3 at step \d+/30", result.output), result.output
     assert "mlflow" in result.output.lower() and "parent run" in result.output

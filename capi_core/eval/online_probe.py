@@ -22,6 +22,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -40,7 +41,10 @@ from capi_core.eval.noise import MEASURED_NOISE, ProbeNoise, probe_noise  # noqa
 from capi_core.models.student import Student
 
 BASELINE_VERSION = 1  # bump when the baseline's definition changes, so stale cache entries are not read
-CACHED_IMAGES = 20_000  # probe sets up to this size are cached decoded (~63 MB at 28x28, float32)
+# Probe sets up to this size are cached decoded: the whole of Fashion-MNIST at 28x28 (70,000 images in
+# float32, 220 MB), whose decoding cost each sweep trial 4.6 s of its probe on one core (2-core AMD EPYC,
+# 2026-12-07); reading it back takes well under a second.
+CACHED_BYTES = 256 * 2**20
 FEATURE_BATCH = 1024  # 4x the default: fewer, larger matmuls; a 28x28 batch of 1,024 is ~25 MB of tokens
 PROBE_METRIC = "probe/knn_top1"  # present in a trainer's metrics exactly at its probe steps
 METRICS = (PROBE_METRIC, "probe/knn_random_init", "probe/knn_gain")
@@ -63,8 +67,8 @@ def load_probe_set(dataset_dir: str | Path, img_size: int, train_images: int | N
     """Class-stratified ``train_images`` of the train split (drawn with ``seed``) and ``test_images`` of the
     test split (its train split if it has none; drawn with ``seed + 1``); None takes the whole split.
 
-    Sets of at most ``CACHED_IMAGES`` images are kept decoded under ``<cache>/probe-sets/<key>.safetensors``:
-    every trial of a sweep probes the same images, and decoding them cost each trial ~3 s on one core.
+    Sets of at most ``CACHED_BYTES`` are kept decoded under ``<cache>/probe-sets/<key>.safetensors``: every
+    trial of a sweep probes the same images.
     """
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
@@ -81,7 +85,7 @@ def load_probe_set(dataset_dir: str | Path, img_size: int, train_images: int | N
         return ProbeSet(t["train_x"], t["train_y"], t["test_x"], t["test_y"], description, key)
     train_x, train_y = load_split(dataset_dir, "train", img_size, limit=train_images, seed=seed)
     test_x, test_y = load_split(dataset_dir, test_split, img_size, limit=test_images, seed=seed + 1)
-    if n_train + n_test <= CACHED_IMAGES:
+    if train_x.nbytes + test_x.nbytes <= CACHED_BYTES:
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp)))
@@ -156,6 +160,23 @@ def random_init_knn(config: TrainConfig, probe_set: ProbeSet, cache_dir: str | P
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     return Baseline(score, False, path)
+
+
+def online_baseline(config: TrainConfig, dataset_dir: str | Path, device: torch.device | str = "cpu",
+                    autocast_dtype: torch.dtype | None = None) -> tuple[ProbeSet, Baseline]:
+    """A run's probe set and the random-init baseline its online probe reads every score against."""
+    probe_set = online_probe_set(dataset_dir, config.model.img_size, config.probe, config.data.cache_dir)
+    return probe_set, random_init_knn(config, probe_set, config.data.cache_dir, device, autocast_dtype)
+
+
+def baseline_inputs(config: TrainConfig) -> dict[str, Any]:
+    """What of a run's config its online baseline depends on: the architecture, the init seed, the probe
+    and its dataset, the precision setting. Runs that agree on these share one cached baseline
+    (``baseline_key`` then adds the resolved probe images and dtype), so a sweep can score it once."""
+    return {"model": config.model.model_dump(mode="json"), "seed": config.run.seed,
+            "probe": config.probe.model_dump(mode="json", include={"train_images", "test_images", "k", "temperature"}),
+            "dataset": str(config.data.dataset), "cache": str(config.data.cache_dir),
+            "precision": config.run.precision}
 
 
 def probe_metrics(trained: float, baseline: float) -> dict[str, float]:

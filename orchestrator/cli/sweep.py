@@ -118,7 +118,7 @@ def run(file: Path, address: str | None, do_export: bool, verbose: bool) -> None
     # deferred: Ray
     from orchestrator.sweep.tune import run_sweep
 
-    outcome = run_sweep(spec, file, address, verbose)
+    outcome = run_sweep(spec, file, address, verbose, say=click.echo)
     _finish(outcome, do_export)
 
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator import tracking as track
 from orchestrator.cluster import init_local_ray, join_cluster
+from orchestrator.sweep.baselines import warm_baselines
 from orchestrator.sweep.console import SweepConsole, stop_reason
 from orchestrator.sweep.spec import Distribution, SweepSpec
 from orchestrator.sweep.storage import (PROBE_EVALS, STATE_FILE, TRIALS_DIR, SweepError, SweepOutcome, SweepState,
@@ -262,11 +264,13 @@ def _reachable(uri: str) -> str:
 
 
 def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None = None,
-              verbose: bool = False) -> SweepOutcome:
+              verbose: bool = False, say: Callable[[str], None] | None = None) -> SweepOutcome:
     """Run a validated sweep to the end and return its trials.
 
     Creates ``<storage>/<name>`` (refusing one that exists: resume it instead), the MLflow parent
-    run, and a Tuner; starts a local Ray unless one runs or ``address`` names a cluster.
+    run, and a Tuner; starts a local Ray unless one runs or ``address`` names a cluster. A local sweep
+    of CPU trials first scores its probe baselines once (``orchestrator.sweep.baselines``), saying so
+    through ``say``.
     """
     directory = sweep_dir(spec.storage, spec.name)
     if (directory / STATE_FILE).exists() or tune.Tuner.can_restore(str(directory)):
@@ -278,6 +282,8 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             check_dataset(spec.base_config)
         except TrainingError as err:
             raise SweepError(f"base {err}") from None
+        if not spec.resources.gpus_per_worker:
+            warm_baselines(spec, say or (lambda text: None))
     started = init_ray(spec, address, verbose)
     try:
         directory.mkdir(parents=True, exist_ok=True)
