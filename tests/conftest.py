@@ -5,6 +5,7 @@ Everything a fixture starts it also stops, by process id; nothing touches the re
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -20,8 +21,11 @@ import pytest
 from orchestrator.cluster import free_port
 
 # The trainer caches random-init probe baselines under the CAPI cache; the suite keeps its own, so it
-# neither reads a developer's entries nor leaves files in the real home directory.
-os.environ.setdefault("CAPI_CACHE_DIR", tempfile.mkdtemp(prefix="capi-test-cache-"))
+# neither reads a developer's entries nor leaves files in the real home directory, and removes it at
+# exit (it holds an imported dataset and probe sets: ~36 MB a session).
+if "CAPI_CACHE_DIR" not in os.environ:
+    os.environ["CAPI_CACHE_DIR"] = tempfile.mkdtemp(prefix="capi-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["CAPI_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
