@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from capi_core.eval.features import Tokens
 from capi_core.eval.knn import knn_top1
+from capi_core.schedules import warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -223,11 +224,9 @@ def _seeded_head(factory: Callable[[int, int], nn.Module], dim: int, num_classes
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """The probe's lr at ``step`` of ``total`` as a fraction of its peak: linear from 1/warmup to 1 over
-    ``warmup`` steps, then a cosine to 0 over the rest (without warmup, the cosine from step 0)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    """The probe's lr at ``step`` of ``total`` as a fraction of its peak, as CAPI's reference probes: linear
+    from 0 to 1 over ``warmup`` steps, then a full cosine to 0 (without warmup, the cosine from step 0)."""
+    return warmup_cosine(step, total, warmup, start=0.0, base=1.0, final=0.0, truncate=1.0)
 
 
 def train_head(head: nn.Module, x: Tensor, y: Tensor, lr: float, protocol: ProbeProtocol) -> nn.Module:
