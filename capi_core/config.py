@@ -368,7 +368,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 # The cpu-demo recipe for about an hour on 2 cores: 4x its steps, probed 8 times. Measured on a 2-core
-# AMD EPYC VM (bf16, compiled): 54.8 min wall (52.3 training), 86.87 % k-NN and 89.59 % attentive on
+# AMD EPYC VM (bf16, compiled): 54.8 min wall (52.3 training), 86.87 % k-NN and 89.60 % attentive on
 # the full test set; the README has the curve.
 PRESETS["cpu-long"] = _merge(PRESETS["cpu-demo"], {"optim": {"steps": 60_000}, "probe": {"every": 7_500}})
 
