@@ -78,7 +78,17 @@ def test_the_driver_scores_it_once_and_the_trial_reads_it_back(tiny_dataset, tmp
 def test_a_sweep_whose_baseline_varies_continuously_says_so(tmp_path):
     said = []
     warm_baselines(spec_of(tmp_path, "model.drop_path: {uniform: [0.0, 0.2]}\n", algorithm="random"), said.append)
-    assert said == ["probe baselines: the search space changes them continuously, so each trial scores its own"]
+    assert said == ["probe baselines: not known before the trials (a range over a field they depend on, or a space "
+                    "too large to list), so each trial scores its own"]
+
+
+def test_a_baseline_the_driver_cannot_score_is_left_to_the_trials(tmp_path):
+    said = []
+    spec = spec_of(tmp_path, "loss.teacher_temp: {grid: [0.02, 0.05]}\n", dataset=tmp_path / "nowhere")
+    warm_baselines(spec, said.append)
+    (line,) = said
+    assert line.startswith("probe baseline: not scored in the driver (") and "nowhere" in line
+    assert line.endswith("; each trial scores its own")
 
 
 @pytest.mark.parametrize("field", ["model.depth", "probe.train_images"])

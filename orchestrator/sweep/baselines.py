@@ -20,6 +20,7 @@ import torch
 
 from capi_core.config import ConfigError, TrainConfig
 from capi_core.data import resolve_dataset
+from capi_core.errors import CapiError
 from capi_core.eval.online_probe import baseline_inputs, online_baseline
 from capi_core.precision import choose_precision
 from orchestrator.sweep.spec import SweepSpec
@@ -56,16 +57,21 @@ def warm_baselines(spec: SweepSpec, say: Callable[[str], None]) -> None:
     """Score (or find cached) each baseline of ``planned_baselines`` in this process, saying what it did."""
     configs = planned_baselines(spec)
     if configs is None:
-        say("probe baselines: the search space changes them continuously, so each trial scores its own")
+        say("probe baselines: not known before the trials (a range over a field they depend on, or a space "
+            "too large to list), so each trial scores its own")
         return
     cpu = torch.device("cpu")
     # As the trainer does on the CPU: subnormal floats in softmax tails would otherwise take microcode.
     torch.set_flush_denormal(True)
     for config in configs:
         start = time.perf_counter()
-        precision = choose_precision(config.run.precision, cpu, config.model, config.data.cache_dir)
-        dataset_dir = resolve_dataset(config.data.dataset, config.data.cache_dir)
-        probe_set, baseline = online_baseline(config, dataset_dir, cpu, precision.autocast_dtype)
+        try:
+            precision = choose_precision(config.run.precision, cpu, config.model, config.data.cache_dir)
+            dataset_dir = resolve_dataset(config.data.dataset, config.data.cache_dir)
+            probe_set, baseline = online_baseline(config, dataset_dir, cpu, precision.autocast_dtype)
+        except (CapiError, OSError, ValueError) as err:  # only a saving: the trials score it themselves
+            say(f"probe baseline: not scored in the driver ({err}); each trial scores its own")
+            continue
         how = "cached" if baseline.cached else f"scored in {time.perf_counter() - start:.0f} s, once for the trials"
         say(f"probe baseline: {baseline.knn_top1:.2f} % k-NN at random init on {probe_set.description} ({how})")
 
