@@ -64,7 +64,7 @@ from capi_core.eval.features import extract_features, pooled_features  # noqa: E
 from capi_core.eval.knn import knn_top1  # noqa: E402
 from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
 from capi_core.eval.pictures import pyplot  # noqa: E402
-from capi_core.eval.probes import ProbeProtocol, run_probes  # noqa: E402
+from capi_core.eval.probes import ProbeProtocol, probe_input, run_probes  # noqa: E402
 from capi_core.precision import choose_precision  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
 
@@ -116,14 +116,23 @@ def full_test_scores(encoder, cfg, autocast, attentive_train: int, protocol: Pro
     both scored on the whole test split."""
     ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
     full = load_probe_set(ds, cfg.model.img_size, None, None)
-    f_train = pooled_features(encoder, full.train_x, batch_size=1024, autocast_dtype=autocast)
-    f_test = pooled_features(encoder, full.test_x, batch_size=1024, autocast_dtype=autocast)
+    attentive = full if attentive_train >= len(full.train_y) else None
+    if attentive is not None:
+        # The attentive probe trains on the whole split: one forward pass gives its tokens and, pooled
+        # as pooled_features pools them, the k-NN's features (~20 s saved per network on 2 cores).
+        tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
+                  for x in (full.train_x, full.test_x)]
+        f_train, f_test = (probe_input(t, "mean") for t in tokens)
+    else:
+        f_train = pooled_features(encoder, full.train_x, batch_size=1024, autocast_dtype=autocast)
+        f_test = pooled_features(encoder, full.test_x, batch_size=1024, autocast_dtype=autocast)
     scores = {"knn_full": knn_top1(f_train, full.train_y, f_test, full.test_y, k=20, temperature=0.07)}
     if attentive_train:
-        sub = load_probe_set(ds, cfg.model.img_size, attentive_train, None)
-        tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
-                  for x in (sub.train_x, sub.test_x)]
-        (result,) = run_probes(tokens[0], sub.train_y, tokens[1], sub.test_y, probes=["attentive"],
+        if attentive is None:
+            attentive = load_probe_set(ds, cfg.model.img_size, attentive_train, None)
+            tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
+                      for x in (attentive.train_x, attentive.test_x)]
+        (result,) = run_probes(tokens[0], attentive.train_y, tokens[1], attentive.test_y, probes=["attentive"],
                                protocol=protocol)
         scores["attentive"] = result.top1
     return scores
