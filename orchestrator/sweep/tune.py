@@ -282,7 +282,9 @@ def run_sweep(spec: SweepSpec, source: Path | None = None, address: str | None =
             check_dataset(spec.base_config)
         except TrainingError as err:
             raise SweepError(f"base {err}") from None
-        if not spec.resources.gpus_per_worker:
+        # Only where the trials share this machine's cache: not from a Ray job (RAY_ADDRESS), whose
+        # trials may run on other nodes, nor for GPU trials, which score their baselines on their GPU.
+        if not spec.resources.gpus_per_worker and not os.environ.get("RAY_ADDRESS"):
             warm_baselines(spec, say or (lambda text: None))
     started = init_ray(spec, address, verbose)
     try:
