@@ -96,3 +96,25 @@ def test_fields_the_baseline_depends_on_split_it(tmp_path, field):
     values = "[1, 2]" if field == "model.depth" else "[100, 200]"
     spec = spec_of(tmp_path, f"{field}: {{grid: {values}}}\n")
     assert len(planned_baselines(spec)) == 2
+
+
+@pytest.mark.parametrize("ray_address", ["", "10.0.0.1:6379"])
+def test_only_a_sweep_whose_trials_share_this_machine_warms_them(tiny_dataset, tmp_path, monkeypatch, ray_address):
+    from orchestrator.sweep import tune as sweep_tune
+
+    class RayStarted(Exception):
+        pass
+
+    def stop_at_ray(*args, **kwargs):
+        raise RayStarted
+
+    warmed = []
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    monkeypatch.setattr(sweep_tune, "warm_baselines", lambda spec, say: warmed.append(spec.name))
+    monkeypatch.setattr(sweep_tune, "init_ray", stop_at_ray)  # what follows is Ray's, tested in test_sweep_run
+    spec = spec_of(tmp_path, "loss.teacher_temp: {grid: [0.02, 0.05]}\n", dataset=tiny_dataset)
+    spec = spec.model_copy(update={"mlflow": spec.mlflow.model_copy(
+        update={"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})})
+    with pytest.raises(RayStarted):
+        sweep_tune.run_sweep(spec)
+    assert warmed == ([] if ray_address else ["t"])  # a Ray job's trials may run on other nodes
