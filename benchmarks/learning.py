@@ -116,22 +116,21 @@ def full_test_scores(encoder, cfg, autocast, attentive_train: int, protocol: Pro
     both scored on the whole test split."""
     ds = resolve_dataset(cfg.data.dataset, cfg.data.cache_dir)
     full = load_probe_set(ds, cfg.model.img_size, None, None)
-    attentive = full if attentive_train >= len(full.train_y) else None
-    if attentive is not None:
-        # The attentive probe trains on the whole split: one forward pass gives its tokens and, pooled
-        # as pooled_features pools them, the k-NN's features (~20 s saved per network on 2 cores).
+    attentive = None
+    if attentive_train:
+        attentive = full if attentive_train >= len(full.train_y) else load_probe_set(
+            ds, cfg.model.img_size, attentive_train, None)
         tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
-                  for x in (full.train_x, full.test_x)]
+                  for x in (attentive.train_x, attentive.test_x)]
+    if attentive is full:
+        # The attentive probe's tokens are the whole split's: pooled as pooled_features pools them, they
+        # are the k-NN's features, so the images are encoded once per network, not twice.
         f_train, f_test = (probe_input(t, "mean") for t in tokens)
     else:
         f_train = pooled_features(encoder, full.train_x, batch_size=1024, autocast_dtype=autocast)
         f_test = pooled_features(encoder, full.test_x, batch_size=1024, autocast_dtype=autocast)
     scores = {"knn_full": knn_top1(f_train, full.train_y, f_test, full.test_y, k=20, temperature=0.07)}
-    if attentive_train:
-        if attentive is None:
-            attentive = load_probe_set(ds, cfg.model.img_size, attentive_train, None)
-            tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
-                      for x in (attentive.train_x, attentive.test_x)]
+    if attentive is not None:
         (result,) = run_probes(tokens[0], attentive.train_y, tokens[1], attentive.test_y, probes=["attentive"],
                                protocol=protocol)
         scores["attentive"] = result.top1
