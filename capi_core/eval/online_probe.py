@@ -123,7 +123,8 @@ def knn_score(encoder: nn.Module, probe_set: ProbeSet, k: int, temperature: floa
 def baseline_key(config: TrainConfig, probe_set: ProbeSet, k: int, temperature: float,
                  autocast_dtype: torch.dtype | None = None) -> str:
     """What determines the random-init score: the encoder's architecture and init seed (``run.seed``),
-    the precision of its forward pass, the k-NN's settings and the probe images."""
+    the precision of its forward pass, the k-NN's settings and the probe images. (``baseline_inputs`` is
+    the same at the level of a config, before the images and the dtype are resolved.)"""
     what = {"version": BASELINE_VERSION, "model": config.model.model_dump(mode="json"), "seed": config.run.seed,
             "k": k, "temperature": temperature, "probe_set": probe_set.key, "dtype": str(autocast_dtype)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
