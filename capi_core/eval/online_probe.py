@@ -40,12 +40,19 @@ from capi_core.eval.knn import knn_predict
 from capi_core.eval.noise import MEASURED_NOISE, ProbeNoise, probe_noise  # noqa: F401 - re-exported
 from capi_core.models.student import Student
 
-BASELINE_VERSION = 1  # bump when the baseline's definition changes, so stale cache entries are not read
+BASELINE_VERSION = 2  # bump when the baseline's definition changes, so stale cache entries are not read
+# (2: features in batches of 256; bf16 products may round differently at another batch size)
 # Probe sets up to this size are cached decoded: the whole of Fashion-MNIST at 28x28 (70,000 images in
 # float32, 220 MB), whose decoding cost each sweep trial 4.6 s of its probe on one core (2-core AMD EPYC,
 # 2026-12-07); reading it back takes well under a second.
 CACHED_BYTES = 256 * 2**20
-FEATURE_BATCH = 1024  # 4x the default: fewer, larger matmuls; a 28x28 batch of 1,024 is ~25 MB of tokens
+# Images per forward pass of the probe. Larger is not faster on CPU: the cpu-demo encoder (bf16 autocast)
+# embedded 10,240 images in 2.59 s at 256 against 3.53 s at 1,024 on one thread (medians of 6), 1.72
+# against 2.33 on two, and 2.8-2.9 against 3.6-3.7 s each when two processes did it at once (as the
+# quickstart's two trials do); 64: 2.97, 128: 2.76, 512: 2.78 on one thread. A 2-core AMD EPYC VM,
+# 2026-12-07. A batch of 256 holds ~5 MB of MLP activations ([256 x 20 tokens, 512] in bf16), which
+# the cache keeps; 1,024 holds four times that.
+FEATURE_BATCH = 256
 PROBE_METRIC = "probe/knn_top1"  # present in a trainer's metrics exactly at its probe steps
 METRICS = (PROBE_METRIC, "probe/knn_random_init", "probe/knn_gain")
 
