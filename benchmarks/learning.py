@@ -62,10 +62,11 @@ from capi_core.config import ConfigError, build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
 from capi_core.eval.features import extract_features, pooled_features  # noqa: E402
 from capi_core.eval.knn import knn_top1  # noqa: E402
-from capi_core.eval.online_probe import knn_predictions, load_probe_set, random_init_encoder  # noqa: E402
+from capi_core.eval.online_probe import (FEATURE_BATCH, knn_predictions, load_probe_set,  # noqa: E402
+                                         random_init_encoder)
 from capi_core.eval.pictures import pyplot  # noqa: E402
 from capi_core.eval.probes import ProbeProtocol, probe_input, run_probes  # noqa: E402
-from capi_core.precision import choose_precision  # noqa: E402
+from capi_core.precision import choose_precision, flush_denormals  # noqa: E402
 from capi_core.train import Callback, JsonlMetrics, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -120,15 +121,15 @@ def full_test_scores(encoder, cfg, autocast, attentive_train: int, protocol: Pro
     if attentive_train:
         attentive = full if attentive_train >= len(full.train_y) else load_probe_set(
             ds, cfg.model.img_size, attentive_train, None)
-        tokens = [extract_features(encoder, x, batch_size=1024, autocast_dtype=autocast).final
+        tokens = [extract_features(encoder, x, batch_size=FEATURE_BATCH, autocast_dtype=autocast).final
                   for x in (attentive.train_x, attentive.test_x)]
     if attentive is full:
         # The attentive probe's tokens are the whole split's: pooled as pooled_features pools them, they
         # are the k-NN's features, so the images are encoded once per network, not twice.
         f_train, f_test = (probe_input(t, "mean") for t in tokens)
     else:
-        f_train = pooled_features(encoder, full.train_x, batch_size=1024, autocast_dtype=autocast)
-        f_test = pooled_features(encoder, full.test_x, batch_size=1024, autocast_dtype=autocast)
+        f_train = pooled_features(encoder, full.train_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast)
+        f_test = pooled_features(encoder, full.test_x, batch_size=FEATURE_BATCH, autocast_dtype=autocast)
     scores = {"knn_full": knn_top1(f_train, full.train_y, f_test, full.test_y, k=20, temperature=0.07)}
     if attentive is not None:
         (result,) = run_probes(tokens[0], attentive.train_y, tokens[1], attentive.test_y, probes=["attentive"],
@@ -235,7 +236,6 @@ def _probe_name(train_images, test_images) -> str:
 
 
 def _noise_run(preset: str, overrides: list[str], seed: int) -> dict:
-    torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
     correct = {_probe_name(*p): _correct(trainer.teacher.encoder, trainer.config, trainer.autocast_dtype, *p)
@@ -290,7 +290,6 @@ def noise(args) -> dict:
 
 
 def _final_run(preset: str, overrides: list[str], seed: int) -> dict:
-    torch.set_flush_denormal(True)
     with tempfile.TemporaryDirectory() as tmp:
         trainer, curve, wall = train(preset, [*overrides, f"run.seed={seed}"], Path(tmp))
     # The final teacher also on the whole train split as memory (the test split's 10,000 queries): how
@@ -387,5 +386,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_flush_denormal(True)
+    flush_denormals()  # for the evaluations outside a Trainer (which sets it itself), as the trainer does
     main()

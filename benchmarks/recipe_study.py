@@ -147,9 +147,6 @@ def report(study_path: Path) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_one":
-        import torch
-
-        torch.set_flush_denormal(True)
         train_one(sys.argv[2], sys.argv[4:], Path(sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -42,7 +42,7 @@ from capi_core.masking import mask_ratio_at, sample_masks
 from capi_core.memory import check_fits
 from capi_core.models.heads import ClusteringHead
 from capi_core.models.student import Student, param_groups
-from capi_core.precision import choose_precision
+from capi_core.precision import choose_precision, flush_denormals
 from capi_core.schedules import Schedules, ema_update_
 from capi_core.sinkhorn import sinkhorn_knopp
 
@@ -126,10 +126,7 @@ class Trainer:
         self.micro_batch = optim.batch_size // (self.world_size * optim.grad_accumulation)
         self.device = pick_device(config.run.device)
         check_fits(config, self.world_size, self.device)  # before any allocation that could take the machine
-        if self.device.type == "cpu":
-            # Sinkhorn targets and softmax tails hold subnormal floats; without flush-to-zero, x86 handles
-            # each one in microcode. Measured on the cpu-demo step: 24 -> 200 img/s in fp32.
-            torch.set_flush_denormal(True)
+        flush_denormals(self.device)  # on the CPU: subnormal floats would take microcode (capi_core.precision)
         # Measured once per machine and model shape, then cached: see capi_core.precision.
         self.precision = choose_precision(config.run.precision, self.device, config.model, config.data.cache_dir)
         self.autocast_dtype = self.precision.autocast_dtype

@@ -69,7 +69,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
 
     from capi_core.checkpoint import load_student
     from capi_core.models.student import Student
-    from capi_core.precision import choose_precision
+    from capi_core.precision import choose_precision, flush_denormals
     from capi_core.train import pick_device
 
     model, config = load_student(checkpoint, which=which)
@@ -77,6 +77,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
         torch.manual_seed(seed)
         model = Student(config).eval()
     dev = pick_device(device)
+    flush_denormals(dev)  # as the trainer does: its probe and this evaluation then compute alike, and faster
     choice = choose_precision(precision, dev, config.model, config.data.cache_dir)
     return model.to(dev), config, choice.autocast_dtype
 

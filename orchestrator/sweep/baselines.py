@@ -22,7 +22,7 @@ from capi_core.config import ConfigError, TrainConfig
 from capi_core.data import resolve_dataset
 from capi_core.errors import CapiError
 from capi_core.eval.online_probe import baseline_inputs, online_baseline
-from capi_core.precision import choose_precision
+from capi_core.precision import choose_precision, flush_denormals
 from orchestrator.sweep.spec import SweepSpec
 
 MAX_COMBINATIONS = 1_000  # grid points enumerated to find the distinct baselines; a larger space is left to its trials
@@ -61,8 +61,7 @@ def warm_baselines(spec: SweepSpec, say: Callable[[str], None]) -> None:
             "too large to list), so each trial scores its own")
         return
     cpu = torch.device("cpu")
-    # As the trainer does on the CPU: subnormal floats in softmax tails would otherwise take microcode.
-    torch.set_flush_denormal(True)
+    flush_denormals(cpu)  # as the trainer does
     for config in configs:
         start = time.perf_counter()
         try:
