@@ -171,6 +171,34 @@ class StartupRecord(Callback):
         best_effort(lambda: atomic_write_text(self.path, json.dumps(self.times)), f"could not write {self.path}")
 
 
+# Where workers keep their Trainer's output until Ray Train persists it: one directory per worker
+# process, named "<pid>-<run name>-<random>", under a root per user (another user's workers may share /tmp).
+SCRATCH_ROOT = Path(tempfile.gettempdir()) / f"capi-scratch-{os.getuid()}"
+
+
+def scratch_dir(run_name: str) -> Path:
+    """A new scratch directory for this worker process, after removing those of worker processes that
+    are gone. A worker killed by a signal (a trial its scheduler stopped, a restart after a failure)
+    cannot run its own cleanup, and its directory may hold a local checkpoint: hundreds of MB for the
+    paper's models, on every stopped trial of a long sweep."""
+    SCRATCH_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for old in SCRATCH_ROOT.iterdir():
+        pid = old.name.partition("-")[0]
+        if pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-{run_name}-", dir=SCRATCH_ROOT))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
 def train_loop(loop_config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs: one rank of the CAPI Trainer.
 
@@ -189,7 +217,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         resolve_dataset(config.data.dataset, config.data.cache_dir)
     dist.barrier()
 
-    scratch = Path(tempfile.mkdtemp(prefix=f"capi-{config.run.name}-"))
+    scratch = scratch_dir(config.run.name)
     try:
         worker_config = with_fields(config, {"run.output_dir": scratch})
         run_path = loop.run_path

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -28,7 +30,9 @@ from conftest import free_port
 from orchestrator.cli import main
 from orchestrator.ray_internals import SNAPSHOT
 from orchestrator.tracking import RUN_ID_KEY, TrackingOptions
-from orchestrator.train import ScalingOptions, TrainingError, WorkerLoop, WorkerTracking, run_distributed, run_path
+from orchestrator import train as ray_train_module
+from orchestrator.train import (ScalingOptions, TrainingError, WorkerLoop, WorkerTracking, run_distributed, run_path,
+                                scratch_dir)
 
 GLOBAL_BATCH = 32
 
@@ -172,6 +176,22 @@ def test_the_worker_loop_crosses_as_json_and_is_validated_again(tiny_dataset, tm
         WorkerLoop.model_validate({**wire, "resume": True})
 
 
+def test_a_worker_removes_the_scratch_directories_of_workers_that_are_gone(tmp_path, monkeypatch):
+    """A worker killed by a signal leaves its scratch directory (and the checkpoint in it); the next
+    worker on the node removes it, and leaves those of live processes alone."""
+    monkeypatch.setattr(ray_train_module, "SCRATCH_ROOT", tmp_path / "scratch")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (tmp_path / "scratch" / f"{gone}-capi-abc" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "scratch" / f"{gone}-capi-abc" / "checkpoints" / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "scratch" / f"{os.getppid()}-other-def").mkdir()  # a live process: the test runner's parent
+    (tmp_path / "scratch" / "not-a-worker").mkdir()  # not named by a pid: not ours to judge
+    new = scratch_dir("capi")
+    assert new.parent == tmp_path / "scratch" and new.name.startswith(f"{os.getpid()}-capi-")
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir() if p != new) == [f"{os.getppid()}-other-def",
+                                                                                    "not-a-worker"]
+
+
 def test_bad_setups_fail_before_training(ray_local, tiny_dataset, tmp_path):
     cfg = tiny_config(tiny_dataset, tmp_path)
     dead = TrackingOptions(uri=f"http://127.0.0.1:{free_port()}")
@@ -210,7 +230,7 @@ def test_worker_kills_resume_from_checkpoints_into_one_mlflow_run(ray_local, mlf
     # Kill 1: once Ray has registered a checkpoint, and longer than the health-check interval later.
     first = _wait(lambda: _registered_step(run_dir), 120, "a first registered checkpoint")
     time.sleep(0.5)
-    _kill_one_worker(ray_local)
+    killed = [_kill_one_worker(ray_local)]
     run_id = mlflow.search_runs([mlflow.get_experiment_by_name("ray-e2e").experiment_id])[0].info.run_id
     resumed_at = int(_wait(lambda: mlflow.get_run(run_id).data.tags.get("capi.resumed_at_step"), 120,
                            "the restarted worker group to resume"))
@@ -218,7 +238,7 @@ def test_worker_kills_resume_from_checkpoints_into_one_mlflow_run(ray_local, mlf
     # Kill 2: the restart limit (1) is spent, so the run fails and says why.
     _wait(lambda: _registered_step(run_dir) > resumed_at, 120, "a checkpoint after the resume")
     time.sleep(0.5)
-    _kill_one_worker(ray_local)
+    killed.append(_kill_one_worker(ray_local))
     thread.join(120)
     assert not thread.is_alive()
     message = str(box["error"])
@@ -238,6 +258,8 @@ def test_worker_kills_resume_from_checkpoints_into_one_mlflow_run(ray_local, mlf
     (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("ray-e2e").experiment_id])
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert run.data.tags["capi.resumed_at_step"] == str(latest)  # the step counter continued
+    # The killed workers could not clean up after themselves; the workers that came after them did.
+    assert not [p for pid in killed for p in ray_train_module.SCRATCH_ROOT.glob(f"{pid}-*")]
     logged = sorted({m.step for m in mlflow.get_metric_history(run_id, "train/capi_loss")})
     assert logged == list(range(every, steps + 1, every))  # every log step, once or more, none missing
     assert run.data.params["optim.steps"] == str(steps) and run.data.params["model.embed_dim"] == "32"
