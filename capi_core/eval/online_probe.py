@@ -127,13 +127,18 @@ def knn_score(encoder: nn.Module, probe_set: ProbeSet, k: int, temperature: floa
     return 100.0 * int((preds == probe_set.test_y.long()).sum()) / len(probe_set.test_y)
 
 
+def _initial_network(config: TrainConfig) -> dict[str, Any]:
+    """What determines the encoder at its random init: the architecture and the init seed."""
+    return {"model": config.model.model_dump(mode="json"), "seed": config.run.seed}
+
+
 def baseline_key(config: TrainConfig, probe_set: ProbeSet, k: int, temperature: float,
                  autocast_dtype: torch.dtype | None = None) -> str:
     """What determines the random-init score: the encoder's architecture and init seed (``run.seed``),
     the precision of its forward pass, the k-NN's settings and the probe images. (``baseline_inputs`` is
     the same at the level of a config, before the images and the dtype are resolved.)"""
-    what = {"version": BASELINE_VERSION, "model": config.model.model_dump(mode="json"), "seed": config.run.seed,
-            "k": k, "temperature": temperature, "probe_set": probe_set.key, "dtype": str(autocast_dtype)}
+    what = {"version": BASELINE_VERSION, **_initial_network(config), "k": k, "temperature": temperature,
+            "probe_set": probe_set.key, "dtype": str(autocast_dtype)}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -163,8 +168,8 @@ def random_init_knn(config: TrainConfig, probe_set: ProbeSet, cache_dir: str | P
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         return Baseline(float(json.loads(path.read_text())["knn_top1"]), True, path)
     score = knn_score(random_init_encoder(config, device), probe_set, k, temperature, autocast_dtype)
-    record = {"knn_top1": score, "probe_set": probe_set.description, "model": config.model.model_dump(mode="json"),
-              "seed": config.run.seed, "k": k, "temperature": temperature, "dtype": str(autocast_dtype)}
+    record = {"knn_top1": score, "probe_set": probe_set.description, **_initial_network(config), "k": k,
+              "temperature": temperature, "dtype": str(autocast_dtype)}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     return Baseline(score, False, path)
@@ -181,7 +186,7 @@ def baseline_inputs(config: TrainConfig) -> dict[str, Any]:
     """What of a run's config its online baseline depends on: the architecture, the init seed, the probe
     and its dataset, the precision setting. Runs that agree on these share one cached baseline
     (``baseline_key`` then adds the resolved probe images and dtype), so a sweep can score it once."""
-    return {"model": config.model.model_dump(mode="json"), "seed": config.run.seed,
+    return {**_initial_network(config),
             "probe": config.probe.model_dump(mode="json", include={"train_images", "test_images", "k", "temperature"}),
             "dataset": str(config.data.dataset), "cache": str(config.data.cache_dir),
             "precision": config.run.precision}
