@@ -73,20 +73,6 @@ def test_knn_is_perfect_on_separated_clusters_and_chunking_changes_nothing():
     assert torch.equal(whole, chunked)
 
 
-def test_knn_over_blocks_of_the_memory_is_the_whole_products_top_k():
-    # Random features and labels: every neighbour's index matters, so a merge of the blocks' top k that
-    # lost or shifted one would change votes. Blocks of 13 < k = 20 exercise the partial blocks too.
-    g = torch.Generator().manual_seed(0)
-    train_x, test_x = torch.randn(300, 16, generator=g), torch.randn(90, 16, generator=g)
-    train_y = torch.randint(0, 5, (300,), generator=g)
-    sim = torch.nn.functional.normalize(test_x, dim=1) @ torch.nn.functional.normalize(train_x, dim=1).T
-    top_sim, top_idx = sim.topk(20, dim=1)
-    votes = torch.zeros(90, 5).scatter_add_(1, train_y[top_idx], (top_sim / 0.07).exp())
-    for block_size in (13, 64, 300):
-        assert torch.equal(knn_predict(train_x, train_y, test_x, k=20, temperature=0.07, chunk_size=7,
-                                       block_size=block_size), votes.argmax(dim=1))
-
-
 def test_knn_votes_are_weighted_by_similarity():
     # One very close neighbour of class 1 against two farther ones of class 0 (cosine 1 vs 0.6).
     train_x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8]])

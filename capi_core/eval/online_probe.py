@@ -47,11 +47,11 @@ BASELINE_VERSION = 2  # bump when the baseline's definition changes, so stale ca
 # 2026-12-07); reading it back takes well under a second.
 CACHED_BYTES = 256 * 2**20
 # Images per forward pass of the probe. Larger is not faster on CPU: the cpu-demo encoder (bf16 autocast)
-# embedded 10,240 images in 2.59 s at 256 against 3.53 s at 1,024 on one thread (medians of 6), 1.72
-# against 2.33 on two, and 2.8-2.9 against 3.6-3.7 s each when two processes did it at once (as the
-# quickstart's two trials do); 64: 2.97, 128: 2.76, 512: 2.78 on one thread. A 2-core AMD EPYC VM,
-# 2026-12-07. A batch of 256 holds ~5 MB of MLP activations ([256 x 20 tokens, 512] in bf16), which
-# the cache keeps; 1,024 holds four times that.
+# embedded 10,240 images in 2.59-3.23 s at 256 against 3.44-3.72 s at 1,024 on one thread (medians of
+# 5-6 alternated rounds, four runs, real and random images), 1.72 against 2.33 on two, and 2.8-2.9
+# against 3.6-3.7 s each when two processes did it at once (as the quickstart's two trials do); 64 and
+# 128 were no faster than 256. A 2-core AMD EPYC VM, 2026-12-07 (benchmarks/probe_cost.py). A batch of
+# 256 holds ~5 MB of MLP activations ([256 x 20 tokens, 512] in bf16); 1,024 holds four times that.
 FEATURE_BATCH = 256
 PROBE_METRIC = "probe/knn_top1"  # present in a trainer's metrics exactly at its probe steps
 METRICS = (PROBE_METRIC, "probe/knn_random_init", "probe/knn_gain")

@@ -77,7 +77,7 @@ def _load_model(checkpoint: Path, which: str, random_init: bool, seed: int, devi
         torch.manual_seed(seed)
         model = Student(config).eval()
     dev = pick_device(device)
-    flush_denormals(dev)  # as the trainer does: its probe and this evaluation then compute alike, and faster
+    flush_denormals(dev)  # as the trainer does, so that its online probe and this evaluation compute alike
     choice = choose_precision(precision, dev, config.model, config.data.cache_dir)
     return model.to(dev), config, choice.autocast_dtype
 
