@@ -40,7 +40,8 @@ from capi_core.config import build_config  # noqa: E402
 from capi_core.data import resolve_dataset  # noqa: E402
 from capi_core.eval.features import pooled_features  # noqa: E402
 from capi_core.eval.knn import knn_predict  # noqa: E402
-from capi_core.eval.online_probe import FEATURE_BATCH, online_probe_set, random_init_encoder  # noqa: E402
+from capi_core.eval.online_probe import (FEATURE_BATCH, knn_predictions, online_probe_set,  # noqa: E402
+                                         random_init_encoder)
 from capi_core.precision import choose_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,9 +68,8 @@ def measure(args) -> dict:
     def features(x, batch):
         return pooled_features(encoder, x, batch_size=batch, autocast_dtype=autocast)
 
-    def whole_probe():
-        f_train, f_test = features(probe_set.train_x, FEATURE_BATCH), features(probe_set.test_x, FEATURE_BATCH)
-        knn_predict(f_train, probe_set.train_y, f_test, k=cfg.probe.k, temperature=cfg.probe.temperature)
+    def whole_probe():  # what the trainer's probe runs, less reading the probe set and the baseline
+        knn_predictions(encoder, probe_set, cfg.probe.k, cfg.probe.temperature, autocast)
 
     torch.set_flush_denormal(True)
     f_train, f_test = features(probe_set.train_x, FEATURE_BATCH), features(probe_set.test_x, FEATURE_BATCH)
