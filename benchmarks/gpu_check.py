@@ -87,7 +87,9 @@ def step_check(device: torch.device, batch: int, steps: int, warmup: int, peak_f
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     overrides = [f"run.device={device.type}", "run.precision=bf16", f"run.compile={str(compile).lower()}"]
-    row = bench_step(preset, batch, steps, warmup, overrides + ([f"run.threads={threads}"] if threads else []))
+    # One round: the MFU here is over ``peak_flops``, a peak measured at a size that fills the GPU.
+    row = bench_step(preset, batch, steps, warmup, overrides + ([f"run.threads={threads}"] if threads else []),
+                     rounds=1)
     row["mfu"] = row["achieved_tflops"] * 1e12 / peak_flops
     if device.type == "cuda":
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

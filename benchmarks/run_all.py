@@ -6,7 +6,7 @@
 
 Parts (each also runs alone, see its file):
   step      training step images/s and model FLOP utilisation for cpu-demo and vit-s
-            (FLOPs counted from the model, peak = a bf16 and an fp32 matmul measured in this run)
+            (FLOPs counted from the model, peak = a bf16 and an fp32 matmul measured before each round)
   sinkhorn  position-wise Sinkhorn-Knopp, 3 iterations, 4,096 rows, K = 1,024 to 16,384
   data      data loader images/s (in-process, and 2 loader processes)
   ray       a sweep's wall time against its trials run standalone; 1 against 2 Train workers
@@ -60,17 +60,14 @@ def machine() -> dict:
 
 
 def bench_steps(quick: bool) -> list[dict]:
-    from train_step import bench_step, compare_compile, matmul_peak
+    from train_step import bench_step, compare_compile
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peaks = {name: matmul_peak(dt, device) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     rows = []
     for preset, batch in (("cpu-demo", 256), ("vit-s", 16 if device.type == "cpu" else 256)):
-        r = bench_step(preset, batch, steps=3 if quick else 5, warmup=2, overrides=[f"run.device={device.type}"])
-        r["mfu_vs_bf16_peak"] = r["achieved_tflops"] * 1e12 / peaks["bf16"]
-        r["mfu_vs_own_precision_peak"] = r["achieved_tflops"] * 1e12 / peaks[r["precision"]]
-        r["matmul_ceiling_vs_own_peak"] = r["matmul_alone_tflops"] * 1e12 / peaks[r["precision"]]
-        r["peaks_tflops"] = {k: v / 1e12 for k, v in peaks.items()}
+        # MFU per round over the peak measured just before it (train_step.bench_step).
+        r = bench_step(preset, batch, steps=3 if quick else 5, warmup=2, overrides=[f"run.device={device.type}"],
+                       rounds=2 if quick else 4)
         rows.append({"kind": "step", **r})
         print(f"  step {preset} batch {batch}: {r['images_per_s']:.1f} img/s, {r['precision']}, "
               f"MFU {r['mfu_vs_bf16_peak']:.1%} of bf16 peak / {r['mfu_vs_own_precision_peak']:.1%} of "

@@ -58,6 +58,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _MATMULS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.addmm.default: (1, 2),
             torch.ops.aten.bmm.default: (0, 1), torch.ops.aten.baddbmm.default: (1, 2)}
 
@@ -128,7 +129,14 @@ def _eager(trainer: Trainer):
             trainer.forward_losses = compiled
 
 
-def bench_step(preset: str, batch: int, steps: int, warmup: int, overrides: list[str]) -> dict:
+def bench_step(preset: str, batch: int, steps: int, warmup: int, overrides: list[str], rounds: int = 3) -> dict:
+    """Throughput and MFU of one preset's step, timed in ``rounds`` rounds of ``steps`` steps.
+
+    Each round measures the large-matmul peak of both precisions again just before its steps, and its MFU
+    is its own rate over its own peak; the row reports the median over rounds and their range. Measured
+    once at the start instead, the peak and the step were half a minute apart, and on a 2-core VM whose
+    speed drifts 10-15 % the same step read 44.8 % and 58.8 % of peak in two runs (2026-12-08).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         trainer, micro = _build(preset, batch, tmp, overrides)
         for i in range(warmup):
@@ -139,14 +147,29 @@ def bench_step(preset: str, batch: int, steps: int, warmup: int, overrides: list
                 MatmulShapes() as shapes:
             trainer.train_step(micro, warmup)
         flops = counter.get_total_flops()
-        step_s = statistics.median(_time_steps(trainer, micro, warmup + 1, steps))
-        mm_flops, mm_s = matmul_alone(shapes.seen, trainer.device)
         precision = "bf16" if trainer.autocast_dtype is not None else "fp32"
+        times: list[float] = []
+        mfu: dict[str, list[float]] = {"bf16": [], "own": []}
+        for r in range(rounds):
+            peaks = {name: matmul_peak(dt, trainer.device) for name, dt in PRECISIONS.items()}
+            round_s = statistics.median(_time_steps(trainer, micro, warmup + 1 + r * steps, steps))
+            mfu["bf16"].append(flops / round_s / peaks["bf16"])
+            mfu["own"].append(flops / round_s / peaks[precision])
+            times.append(round_s)
+        step_s = statistics.median(times)
+        # The products alone against a peak measured beside them, for the same reason.
+        own_peak = matmul_peak(PRECISIONS[precision], trainer.device)
+        mm_flops, mm_s = matmul_alone(shapes.seen, trainer.device)
         return {"preset": preset, "batch": batch, "tokens_per_image": trainer.config.model.num_patches,
                 "precision": precision, "compiled": trainer.compile.enabled, "device": str(trainer.device),
                 "images_per_s": batch / step_s, "step_s": step_s, "model_gflop_per_step": flops / 1e9,
                 "achieved_tflops": flops / step_s / 1e12, "matmul_gflop_per_step": mm_flops / 1e9,
-                "matmul_alone_s": mm_s, "matmul_alone_tflops": mm_flops / mm_s / 1e12}
+                "matmul_alone_s": mm_s, "matmul_alone_tflops": mm_flops / mm_s / 1e12, "rounds": rounds,
+                "mfu_vs_bf16_peak": statistics.median(mfu["bf16"]),
+                "mfu_vs_own_precision_peak": statistics.median(mfu["own"]),
+                "mfu_own_range": [min(mfu["own"]), max(mfu["own"])],
+                "matmul_ceiling_vs_own_peak": mm_flops / mm_s / own_peak,
+                "matmul_share_of_step": mm_s / step_s}
 
 
 def compare_compile(preset: str, batch: int, rounds: int, steps: int, warmup: int, overrides: list[str]) -> dict:
@@ -181,7 +204,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--compare-compile", action="store_true",
                     help="time each preset eager and compiled, alternately in one process")
-    ap.add_argument("--rounds", type=int, default=6, help="--compare-compile: alternating rounds of --steps each")
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of --steps each: MFU per round over that round's "
+                    "peak; with --compare-compile, eager and compiled alternate")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. run.precision=bf16")
     args = ap.parse_args()
     presets = args.preset or ["cpu-demo", "vit-s"]
@@ -190,9 +214,10 @@ def main() -> None:
     default_batch = {"cpu-demo": 256, "vit-s": 16 if device.type == "cpu" else 256}
     batches = args.batch or [default_batch.get(p, 64) for p in presets]
 
-    peaks = {name: matmul_peak(dt, device) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
-    print(f"device {device}, {torch.get_num_threads()} threads; measured matmul peak: "
-          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s")
+    peaks = {name: matmul_peak(dt, device) for name, dt in PRECISIONS.items()}
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul peak at the start: "
+          f"bf16 {peaks['bf16'] / 1e12:.3f} TFLOP/s, fp32 {peaks['fp32'] / 1e12:.3f} TFLOP/s (measured again "
+          f"before every round: MFU is each round's rate over its own peak)")
     overrides = [f"run.device={device.type}", *args.overrides]
     if args.compare_compile:
         rows = [compare_compile(p, b, args.rounds, args.steps, args.warmup, overrides) for p, b in zip(presets, batches)]
@@ -206,22 +231,17 @@ def main() -> None:
         print(f"medians of {args.rounds} alternating rounds of {args.steps} steps each; the compiled first steps "
               f"include the compile (less when inductor's cache already holds these graphs)")
     else:
-        rows = []
-        for preset, batch in zip(presets, batches):
-            row = bench_step(preset, batch, args.steps, args.warmup, overrides)
-            own = peaks[row["precision"]]
-            row["mfu_vs_bf16_peak"] = row["achieved_tflops"] * 1e12 / peaks["bf16"]
-            row["mfu_vs_own_precision_peak"] = row["achieved_tflops"] * 1e12 / own
-            row["matmul_ceiling_vs_own_peak"] = row["matmul_alone_tflops"] * 1e12 / own
-            row["matmul_share_of_step"] = row["matmul_alone_s"] / row["step_s"]
-            rows.append(row)
+        rows = [bench_step(p, b, args.steps, args.warmup, overrides, args.rounds) for p, b in zip(presets, batches)]
         print(f"{'preset':10} {'batch':>5} {'tok':>4} {'prec':>5} {'comp':>5} {'img/s':>9} {'GFLOP/step':>11} "
-              f"{'TFLOP/s':>8} {'MFU(bf16)':>9} {'MFU(own)':>9} {'mm ceiling':>10} {'mm share':>9}")
+              f"{'TFLOP/s':>8} {'MFU(bf16)':>9} {'MFU(own)':>9} {'own, range':>12} {'mm ceiling':>10} {'mm share':>9}")
         for r in rows:
             print(f"{r['preset']:10} {r['batch']:>5} {r['tokens_per_image']:>4} {r['precision']:>5} "
                   f"{'yes' if r['compiled'] else 'no':>5} {r['images_per_s']:>9.1f} {r['model_gflop_per_step']:>11.1f} "
                   f"{r['achieved_tflops']:>8.3f} {r['mfu_vs_bf16_peak']:>9.1%} {r['mfu_vs_own_precision_peak']:>9.1%} "
+                  f"{r['mfu_own_range'][0]:>5.0%}-{r['mfu_own_range'][1]:<5.0%} "
                   f"{r['matmul_ceiling_vs_own_peak']:>10.1%} {r['matmul_share_of_step']:>9.1%}")
+        print(f"MFU: medians over {args.rounds} rounds of {args.steps} steps, each over the peak measured just before it; "
+              "range: the rounds' lowest and highest MFU(own)")
         print("mm ceiling: the step's own matrix products, each timed alone, against the large-matmul peak of the "
               "precision in use; mm share: their time alone over the step's")
     if args.json:
