@@ -17,7 +17,11 @@ import torch
 # 64, eager and compiled timed alternately in one process: two threads 886 -> 1,055 img/s (11.6 ms
 # saved a step) after a cold compile of 47 s; one thread 679 -> 798 img/s (14 ms) after 56 s. Both
 # break even near 4,000 steps; a warm cache (the same shapes compiled before on this machine) costs
-# 2-3 s. AUTO_MIN_STEPS rounds the cold figure up, so a run that compiles gains even cold.
+# 2-3 s. On a 2-core Intel Xeon VM without AMX (fp32, 2026-12-08), one thread: 614 -> 811 img/s (25 ms
+# a step) after a cold compile of 50 s (22 s with inductor's kernels already built, 5 s with its graphs
+# cached too): even there a cold compile breaks even only near 2,000 steps, and the quickstart's 2,300-step
+# trials ran 12 min 7 s compiled against 12 min 22 s eager. AUTO_MIN_STEPS rounds the slower machine's
+# cold figure up, so a run that compiles gains on either, even cold.
 AUTO_MIN_STEPS = 5_000
 
 
