@@ -152,3 +152,29 @@ def test_matmul_shapes_account_for_every_product_flop_counter_sees():
     flops, seconds = matmul_alone(shapes.seen, torch.device("cpu"), repeats=1)
     assert counted > 0 and flops == counted and seconds > 0
     assert sum(shapes.seen.values()) >= 6  # 2 linears and 2 products forward, more backward
+
+
+def test_step_mfu_is_each_rounds_rate_over_the_peak_measured_just_before_it(monkeypatch):
+    """train_step.bench_step re-measures the peak before every round, because on a drifting VM a peak
+    measured once, half a minute before the steps, moved MFU by 14 points between runs. With the
+    machine's timings replaced by a script (round 1: peak 1e11, steps 0.1 s; round 2: peak 2e11, steps
+    0.2 s), each round's MFU must use its own peak and time, and the row their median and range."""
+    import torch
+
+    import train_step
+
+    peaks = iter([1e11, 1e11, 2e11, 2e11, 7e11])  # (bf16, fp32) per round, then the mm ceiling's own
+    step_times = iter([[0.1, 0.1], [0.2, 0.2]])
+    monkeypatch.setattr(train_step, "matmul_peak", lambda dtype, device: next(peaks))
+    monkeypatch.setattr(train_step, "_time_steps", lambda trainer, micro, first, steps: next(step_times))
+    threads = torch.get_num_threads()
+    try:
+        row = train_step.bench_step("cpu-tiny", 4, steps=2, warmup=1, overrides=["run.threads=1"], rounds=2)
+    finally:
+        torch.set_num_threads(threads)
+    flops = row["model_gflop_per_step"] * 1e9
+    mfus = [flops / 0.1 / 1e11, flops / 0.2 / 2e11]
+    assert row["rounds"] == 2 and row["mfu_own_range"] == pytest.approx(sorted(mfus))
+    assert row["mfu_vs_own_precision_peak"] == pytest.approx(sum(mfus) / 2)  # the median of two
+    assert row["step_s"] == pytest.approx(0.15) and row["images_per_s"] == pytest.approx(4 / 0.15)
+    assert row["matmul_ceiling_vs_own_peak"] == pytest.approx(row["matmul_alone_tflops"] * 1e12 / 7e11)
