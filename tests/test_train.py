@@ -64,6 +64,26 @@ def test_teacher_moves_only_by_ema(tiny_dataset, tmp_path):
     assert all(p.grad is None for p in trainer.teacher.parameters())
 
 
+def test_the_target_entropy_is_computed_on_log_steps_only(tiny_dataset, tmp_path):
+    """train_step leaves the entropy diagnostic out when asked (fit asks on every step that does not log)
+    and trains the same either way; fit still logs it at every log step."""
+    runs = {}
+    for diagnostics in (True, False):
+        trainer = Trainer(tiny_config(tiny_dataset, tmp_path / str(diagnostics)))
+        out = trainer.train_step([one_batch(trainer)], 0, diagnostics=diagnostics)
+        runs[diagnostics] = (out, torch.cat([p.flatten() for p in trainer.student.parameters()]))
+    assert "target_entropy" in runs[True][0] and "target_entropy" not in runs[False][0]
+    assert float(runs[True][0]["target_entropy"]) > 0
+    torch.testing.assert_close(runs[True][0]["capi_loss"], runs[False][0]["capi_loss"], rtol=0, atol=0)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=0, atol=0)
+    trainer = Trainer(tiny_config(tiny_dataset, tmp_path / "fit", "optim.steps=7", "run.log_every=3"),
+                      callbacks=[JsonlMetrics()])
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in rows if "train/target_entropy" in r]
+    assert logged[:3] == [3, 6, 7] and all(r["train/target_entropy"] > 0 for r in rows if r["step"] in logged)
+
+
 def test_momentum_starts_at_one_and_is_tied_to_lr_by_default(tiny_dataset, tmp_path):
     trainer = Trainer(tiny_config(tiny_dataset, tmp_path, "optim.ema_momentum=null", "optim.steps=100"))
     assert trainer.schedule(0)["momentum"] == 1.0  # the teacher is frozen at init for the first step
