@@ -27,6 +27,11 @@ REPORTED_METRICS = (
 )
 
 
+def is_log_step(step: int, config: TrainConfig) -> bool:
+    """Whether the trainer logs its metrics after step ``step``: every ``run.log_every`` steps and at the last."""
+    return step == config.optim.steps or step % config.run.log_every == 0
+
+
 def probe_interval(config: TrainConfig) -> int:
     """Steps between the trainer's periodic probes; 0 if it probes only at the last step."""
     every = config.probe.every

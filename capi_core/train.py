@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from capi_core import checkpoint as ckpt
-from capi_core.cadence import is_checkpoint_step, is_probe_step
+from capi_core.cadence import is_checkpoint_step, is_log_step, is_probe_step
 from capi_core.checkpoint_dirs import METRICS_FILE
 from capi_core.compilation import choose_compile
 from capi_core.config import ConfigError, TrainConfig
@@ -274,7 +274,7 @@ class Trainer:
         while self.step < cfg.optim.steps:
             images, _ = next(batches)
             images = images.to(self.device, non_blocking=True)
-            log_step = (self.step + 1) % cfg.run.log_every == 0 or self.step + 1 == cfg.optim.steps
+            log_step = is_log_step(self.step + 1, cfg)  # the step about to run is logged once it is done
             out = self.train_step(list(images.split(self.micro_batch)), self.step, diagnostics=log_step)
             self.step += 1
             images_seen += images.shape[0] * self.world_size
